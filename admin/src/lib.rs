@@ -1,0 +1,6 @@
+//! The `dfs` admin tool's library: local cluster directories, status reports, `dfs up`.
+
+pub mod local;
+pub mod locate;
+pub mod status;
+pub mod up;

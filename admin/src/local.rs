@@ -1,0 +1,158 @@
+//! A cluster directory for running dfs on one machine: certificates, `dfs.toml`, data dirs.
+//!
+//! ```text
+//! DIR/dfs.toml          the config (works with dfs-mount --config and dfs status --config)
+//! DIR/certs/            ca.crt, ca.key, metaserver.*, storage-N.*, client.*
+//! DIR/meta/             the metaserver's database
+//! DIR/storage-N/        each storage daemon's data directory
+//! DIR/logs/             process logs written by `dfs up`
+//! ```
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+
+use dfs_common::config::{ClientConfig, ClusterConfig, Config, ConfigError, MetaserverConfig, StoragedConfig};
+use dfs_proto::certs::{self, CertError, PemPair};
+
+pub const CONFIG_FILE: &str = "dfs.toml";
+pub const CERTS_DIR: &str = "certs";
+pub const METASERVER_NAME: &str = "metaserver";
+pub const CLIENT_NAME: &str = "client";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot prepare {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The default cluster directory: `$XDG_DATA_HOME/dfs` (usually `~/.local/share/dfs`).
+pub fn default_dir() -> PathBuf {
+    dirs::data_dir().unwrap_or_else(|| PathBuf::from(".")).join("dfs")
+}
+
+/// A UDP port that is free on `host` right now.
+pub fn free_udp_port(host: &str) -> std::io::Result<u16> {
+    Ok(UdpSocket::bind((host, 0))?.local_addr()?.port())
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LocalError + '_ {
+    move |source| LocalError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn issue(dir: &Path, ca: &PemPair, name: &str, host: &str) -> Result<(), LocalError> {
+    let pair = certs::issue(ca, name, &[host.to_owned()])?;
+    certs::write_pair(&dir.join(CERTS_DIR), name, &pair)?;
+    Ok(())
+}
+
+fn cert_files(name: &str) -> (PathBuf, PathBuf) {
+    (
+        Path::new(CERTS_DIR).join(format!("{name}.crt")),
+        Path::new(CERTS_DIR).join(format!("{name}.key")),
+    )
+}
+
+/// Loads `DIR/dfs.toml`, creating the whole cluster directory first if it does not exist, and
+/// adds storage daemons until there are at least `daemons`.
+pub fn prepare(dir: &Path, daemons: usize, host: &str) -> Result<Config, LocalError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let config_path = dir.join(CONFIG_FILE);
+    if !config_path.exists() {
+        create(dir, host)?;
+    }
+    let mut config = Config::load(&config_path)?;
+    let ca = certs::read_pair(&dir.join(CERTS_DIR), "ca")?;
+    let mut changed = false;
+    while config.storaged.len() < daemons {
+        let entry = new_storage_daemon(dir, &config, &ca, host)?;
+        config.storaged.push(entry);
+        changed = true;
+    }
+    if changed {
+        config.save(&config_path)?;
+        config = Config::load(&config_path)?;
+    }
+    Ok(config)
+}
+
+fn create(dir: &Path, host: &str) -> Result<(), LocalError> {
+    let certs_dir = dir.join(CERTS_DIR);
+    let ca = if certs_dir.join("ca.crt").exists() {
+        certs::read_pair(&certs_dir, "ca")?
+    } else {
+        let ca = certs::generate_ca("dfs local cluster CA")?;
+        certs::write_pair(&certs_dir, "ca", &ca)?;
+        ca
+    };
+    for name in [METASERVER_NAME, CLIENT_NAME] {
+        if !certs::cert_path(&certs_dir, name).exists() {
+            issue(dir, &ca, name, host)?;
+        }
+    }
+    let meta_addr = format!("{host}:{}", free_udp_port(host).map_err(io(dir))?);
+    let (mcert, mkey) = cert_files(METASERVER_NAME);
+    let (ccert, ckey) = cert_files(CLIENT_NAME);
+    let config = Config {
+        cluster: ClusterConfig {
+            ca_cert: Path::new(CERTS_DIR).join("ca.crt"),
+            metaserver: meta_addr.clone(),
+            metaserver_name: METASERVER_NAME.into(),
+        },
+        metaserver: Some(MetaserverConfig::new(meta_addr, "meta".into(), mcert, mkey)),
+        client: Some(ClientConfig::new(ccert, ckey)),
+        storaged: vec![],
+        base_dir: dir.to_owned(),
+        path: dir.join(CONFIG_FILE),
+    };
+    config.save(&dir.join(CONFIG_FILE))?;
+    Ok(())
+}
+
+fn new_storage_daemon(dir: &Path, config: &Config, ca: &PemPair, host: &str) -> Result<StoragedConfig, LocalError> {
+    let n = (1..)
+        .find(|i| !config.storaged.iter().any(|s| s.name == format!("storage-{i}")))
+        .expect("some index is free");
+    let name = format!("storage-{n}");
+    if !certs::cert_path(&dir.join(CERTS_DIR), &name).exists() {
+        issue(dir, ca, &name, host)?;
+    }
+    let (cert, key) = cert_files(&name);
+    let listen = format!("{host}:{}", free_udp_port(host).map_err(io(dir))?);
+    Ok(StoragedConfig::new(
+        name.clone(),
+        listen,
+        PathBuf::from(&name),
+        cert,
+        key,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepare_creates_then_extends() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = prepare(dir.path(), 2, "127.0.0.1").unwrap();
+        assert_eq!(c.storaged.len(), 2);
+        assert!(dir.path().join("certs/storage-2.key").exists());
+        let c2 = prepare(dir.path(), 3, "127.0.0.1").unwrap();
+        assert_eq!(c2.storaged.len(), 3);
+        assert_eq!(c2.cluster.metaserver, c.cluster.metaserver);
+        assert_eq!(c2.storaged[0], c.storaged[0]);
+        let c3 = prepare(dir.path(), 1, "127.0.0.1").unwrap();
+        assert_eq!(c3.storaged.len(), 3, "existing daemons are kept");
+    }
+}

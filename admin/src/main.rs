@@ -1,0 +1,145 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use dfs_admin::{local, locate, status, up};
+use dfs_common::config::{Config, DEFAULT_PATH};
+use dfs_proto::certs;
+
+/// dfs admin tool.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a whole cluster on this machine and mount it (stays in the foreground).
+    Up {
+        /// Where to mount the file system.
+        mountpoint: PathBuf,
+        /// Cluster directory (certificates, config, data); reused if it exists.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Number of storage daemons (default 3 for a new cluster).
+        #[arg(long)]
+        storage_daemons: Option<usize>,
+    },
+    /// Show storage daemons, their usage, and file counts.
+    Status {
+        #[arg(long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// Print the raw report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show which storage daemons hold the chunks of files on a dfs mount.
+    Locate {
+        /// Files on a mounted dfs file system.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage the cluster's certificates.
+    Cert {
+        #[command(subcommand)]
+        command: CertCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertCmd {
+    /// Create the cluster CA (ca.crt, and ca.key which must stay secret).
+    Init {
+        #[arg(long, default_value = "/etc/dfs/certs")]
+        dir: PathBuf,
+    },
+    /// Issue a certificate for a metaserver, storage daemon or client.
+    Issue {
+        /// The node's name (also its TLS server name), e.g. metaserver, storage-1, client.
+        #[arg(long)]
+        name: String,
+        /// Extra DNS names or IP addresses the certificate is valid for.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        #[arg(long, default_value = "/etc/dfs/certs")]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.command {
+        Cmd::Cert { command } => cert(command),
+        Cmd::Status { config, json } => {
+            let config = Config::load(&config)?;
+            let report = runtime()?.block_on(status::fetch(&config, Duration::from_secs(5)))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", status::render(&report));
+            }
+            Ok(())
+        }
+        Cmd::Locate { paths, config, json } => {
+            let config = Config::load(&config)?;
+            let located = runtime()?.block_on(locate::locate(&config, &paths, Duration::from_secs(5)))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&located)?);
+            } else {
+                print!("{}", locate::render(&located));
+            }
+            Ok(())
+        }
+        Cmd::Up {
+            mountpoint,
+            data_dir,
+            storage_daemons,
+        } => {
+            dfs_common::logging::init("dfs");
+            let opts = up::UpOptions {
+                mountpoint,
+                dir: data_dir.unwrap_or_else(local::default_dir),
+                storage_daemons,
+            };
+            runtime()?.block_on(up::run(opts))?;
+            Ok(())
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+fn cert(command: CertCmd) -> anyhow::Result<()> {
+    match command {
+        CertCmd::Init { dir } => {
+            let ca = certs::generate_ca("dfs cluster CA")?;
+            certs::write_pair(&dir, "ca", &ca)?;
+            println!(
+                "created {} and {}",
+                certs::cert_path(&dir, "ca").display(),
+                certs::key_path(&dir, "ca").display()
+            );
+            println!("copy ca.crt to every machine; keep ca.key on this one only");
+        }
+        CertCmd::Issue { name, sans, dir } => {
+            let ca = certs::read_pair(&dir, "ca").context("the CA is needed to issue certificates (dfs cert init)")?;
+            let pair = certs::issue(&ca, &name, &sans)?;
+            certs::write_pair(&dir, &name, &pair)?;
+            println!(
+                "issued {} and {}",
+                certs::cert_path(&dir, &name).display(),
+                certs::key_path(&dir, &name).display()
+            );
+        }
+    }
+    Ok(())
+}

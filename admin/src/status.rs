@@ -1,0 +1,109 @@
+//! `dfs status`: the cluster as the metaserver sees it.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use dfs_common::Config;
+use dfs_proto::meta::{ClusterReport, ClusterStatus};
+use dfs_proto::tls::TlsIdentity;
+use dfs_proto::{Peer, RpcError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Config(#[from] dfs_common::config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] dfs_proto::tls::TlsError),
+    #[error(transparent)]
+    Endpoint(#[from] dfs_proto::endpoint::EndpointError),
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+}
+
+/// Asks the metaserver named in `config` for the cluster report.
+pub async fn fetch(config: &Config, timeout: Duration) -> Result<ClusterReport, StatusError> {
+    let client = config.client()?;
+    let tls = TlsIdentity::load(&config.tls_files(&client.cert, &client.key))?;
+    let endpoint = dfs_proto::endpoint::client(tls.client_config()?, false)?;
+    let peer = Peer::new(
+        endpoint.clone(),
+        config.cluster.metaserver.clone(),
+        config.cluster.metaserver_name.clone(),
+        timeout,
+    );
+    let report = peer.call(ClusterStatus {}, timeout).await;
+    endpoint.close(0u32.into(), b"done");
+    Ok(report?)
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+pub fn render(report: &ClusterReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:<22} {:<5} {:>9} {:>11} {:>11} {:>10}",
+        "STORAGE DAEMON", "ADDRESS", "STATE", "PIECES", "STORED", "FREE", "LAST SEEN"
+    );
+    let (mut pieces, mut bytes, mut free, mut up) = (0, 0, 0, 0);
+    for n in &report.nodes {
+        let seen = match n.last_seen_ms {
+            Some(ms) => format!("{:.1}s ago", ms as f64 / 1000.0),
+            None => "never".into(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<16} {:<22} {:<5} {:>9} {:>11} {:>11} {:>10}",
+            n.node.name,
+            n.node.addr,
+            if n.node.up { "up" } else { "DOWN" },
+            n.usage.pieces,
+            human_bytes(n.usage.bytes),
+            human_bytes(n.usage.free_bytes),
+            seen
+        );
+        pieces += n.usage.pieces;
+        bytes += n.usage.bytes;
+        if n.node.up {
+            free += n.usage.free_bytes;
+            up += 1;
+        }
+    }
+    let _ = writeln!(
+        out,
+        "{:<16} {:<22} {:<5} {:>9} {:>11} {:>11}",
+        "total",
+        format!("{} daemons", report.nodes.len()),
+        format!("{up} up"),
+        pieces,
+        human_bytes(bytes),
+        human_bytes(free)
+    );
+    let _ = writeln!(
+        out,
+        "\nfiles: {}   directories: {}   symlinks: {}   chunk size: {}",
+        report.files,
+        report.directories,
+        report.symlinks,
+        human_bytes(report.chunk_size)
+    );
+    let _ = writeln!(
+        out,
+        "mount sessions: {}   pieces awaiting deletion: {}   unlinked files still open: {}",
+        report.sessions, report.pending_deletes, report.orphaned_files
+    );
+    out
+}

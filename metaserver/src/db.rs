@@ -1,0 +1,159 @@
+//! Opening the database and the table sets that operations work on.
+
+use std::path::Path;
+
+use dfs_proto::types::{FileKind, NodeId, PieceId, ROOT_INO, Timestamp};
+use redb::{Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, Table, WriteTransaction};
+
+use crate::error::{MetaError, Result};
+use crate::schema::*;
+
+/// Opens (creating and initialising if new) the metadata database.
+pub fn open(path: &Path, chunk_size: u64) -> Result<Database> {
+    let db = Database::create(path)?;
+    let txn = db.begin_write()?;
+    {
+        let mut ctx = WriteCtx::open(&txn)?;
+        let format = ctx.meta.get(keys::FORMAT)?.map(|v| v.value());
+        match format {
+            None => {
+                let now = Timestamp::now();
+                let mut root = InodeRecord::new(FileKind::Directory, 0o755, 0, 0, now);
+                root.parent = ROOT_INO;
+                ctx.put_inode(ROOT_INO, &root)?;
+                ctx.meta.insert(keys::FORMAT, FORMAT_VERSION)?;
+                ctx.meta.insert(keys::NEXT_INO, ROOT_INO + 1)?;
+                ctx.meta.insert(keys::PIECE_ID_LIMIT, 1)?;
+                ctx.meta.insert(keys::CHUNK_SIZE, chunk_size)?;
+                ctx.meta.insert(keys::DIRECTORIES, 1)?;
+            }
+            Some(FORMAT_VERSION) => {}
+            Some(v) => {
+                return Err(MetaError::fs(
+                    dfs_proto::ErrorKind::Unsupported,
+                    format!(
+                        "database {} has format {v}; this metaserver reads format {FORMAT_VERSION}",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(db)
+}
+
+/// Read access to the tables queries need, from either kind of transaction.
+pub trait Tables {
+    fn inodes(&self) -> &impl ReadableTable<u64, &'static [u8]>;
+    fn dirents(&self) -> &impl ReadableTable<(u64, &'static [u8]), u64>;
+    fn chunks(&self) -> &impl ReadableTable<(u64, u64), (u64, u32, u64)>;
+}
+
+/// What a committed write means for the in-memory view (registry, reaper).
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// (node, piece, length) now referenced.
+    pub pieces_added: Vec<(NodeId, PieceId, u64)>,
+    /// (node, piece, length) no longer referenced (queued for deletion).
+    pub pieces_removed: Vec<(NodeId, PieceId, u64)>,
+    /// An inode lost its last link: the reaper should look.
+    pub orphaned: bool,
+}
+
+/// Every table, open for writing within one transaction.
+pub struct WriteCtx<'t> {
+    pub inodes: Table<'t, u64, &'static [u8]>,
+    pub dirents: Table<'t, (u64, &'static [u8]), u64>,
+    pub chunks: Table<'t, (u64, u64), (u64, u32, u64)>,
+    pub node_pieces: Table<'t, (u32, u64), (u64, u64, u64)>,
+    pub deletes: Table<'t, (u32, u64), ()>,
+    pub orphans: Table<'t, u64, ()>,
+    pub nodes: Table<'t, u32, &'static [u8]>,
+    pub meta: Table<'t, &'static str, u64>,
+    pub effects: Effects,
+    pub now: Timestamp,
+}
+
+impl<'t> WriteCtx<'t> {
+    pub fn open(txn: &'t WriteTransaction) -> Result<Self> {
+        Ok(WriteCtx {
+            inodes: txn.open_table(INODES)?,
+            dirents: txn.open_table(DIRENTS)?,
+            chunks: txn.open_table(CHUNKS)?,
+            node_pieces: txn.open_table(NODE_PIECES)?,
+            deletes: txn.open_table(DELETES)?,
+            orphans: txn.open_table(ORPHANS)?,
+            nodes: txn.open_table(NODES)?,
+            meta: txn.open_table(META)?,
+            effects: Effects::default(),
+            now: Timestamp::now(),
+        })
+    }
+
+    pub fn put_inode(&mut self, ino: u64, rec: &InodeRecord) -> Result<()> {
+        self.inodes.insert(ino, rec.encode().as_slice())?;
+        Ok(())
+    }
+
+    pub fn add_counter(&mut self, key: &'static str, delta: i64) -> Result<()> {
+        let v = get_counter(&self.meta, key)?;
+        self.meta.insert(key, v.saturating_add_signed(delta))?;
+        Ok(())
+    }
+}
+
+impl Tables for WriteCtx<'_> {
+    fn inodes(&self) -> &impl ReadableTable<u64, &'static [u8]> {
+        &self.inodes
+    }
+    fn dirents(&self) -> &impl ReadableTable<(u64, &'static [u8]), u64> {
+        &self.dirents
+    }
+    fn chunks(&self) -> &impl ReadableTable<(u64, u64), (u64, u32, u64)> {
+        &self.chunks
+    }
+}
+
+/// A consistent snapshot for queries.
+pub struct ReadCtx {
+    pub inodes: ReadOnlyTable<u64, &'static [u8]>,
+    pub dirents: ReadOnlyTable<(u64, &'static [u8]), u64>,
+    pub chunks: ReadOnlyTable<(u64, u64), (u64, u32, u64)>,
+    pub node_pieces: ReadOnlyTable<(u32, u64), (u64, u64, u64)>,
+    pub deletes: ReadOnlyTable<(u32, u64), ()>,
+    pub orphans: ReadOnlyTable<u64, ()>,
+    pub nodes: ReadOnlyTable<u32, &'static [u8]>,
+    pub meta: ReadOnlyTable<&'static str, u64>,
+}
+
+impl ReadCtx {
+    pub fn open(txn: &ReadTransaction) -> Result<Self> {
+        Ok(ReadCtx {
+            inodes: txn.open_table(INODES)?,
+            dirents: txn.open_table(DIRENTS)?,
+            chunks: txn.open_table(CHUNKS)?,
+            node_pieces: txn.open_table(NODE_PIECES)?,
+            deletes: txn.open_table(DELETES)?,
+            orphans: txn.open_table(ORPHANS)?,
+            nodes: txn.open_table(NODES)?,
+            meta: txn.open_table(META)?,
+        })
+    }
+
+    pub fn begin(db: &Database) -> Result<Self> {
+        ReadCtx::open(&db.begin_read()?)
+    }
+}
+
+impl Tables for ReadCtx {
+    fn inodes(&self) -> &impl ReadableTable<u64, &'static [u8]> {
+        &self.inodes
+    }
+    fn dirents(&self) -> &impl ReadableTable<(u64, &'static [u8]), u64> {
+        &self.dirents
+    }
+    fn chunks(&self) -> &impl ReadableTable<(u64, u64), (u64, u32, u64)> {
+        &self.chunks
+    }
+}

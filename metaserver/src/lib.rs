@@ -1,0 +1,12 @@
+//! dfs-metaserver: owns the namespace, decides where data goes, tracks storage daemons.
+//! File data never passes through it: it hands out locations and clients talk to the daemons.
+
+pub mod committer;
+pub mod db;
+pub mod error;
+pub mod namespace;
+pub mod registry;
+pub mod schema;
+pub mod server;
+pub mod service;
+pub mod sessions;

@@ -1,0 +1,955 @@
+//! Namespace operations as plain functions over a transaction, so they can be unit-tested
+//! without sockets.
+//!
+//! Write operations check everything that can fail for the caller before they change a table:
+//! an operation that returns a filesystem error leaves no partial change behind (the committer
+//! commits the other operations of the batch). The one deliberate exception is
+//! [`commit_write`] on a vanished inode, which queues the orphaned pieces for deletion.
+
+use std::ops::Bound;
+
+use dfs_proto::ErrorKind;
+use dfs_proto::meta::{DirEntry, DirPage, RenameMode, SetAttr, TimeSet, WrittenPiece};
+use dfs_proto::names::{MAX_SYMLINK_LEN, validate_name};
+use dfs_proto::types::{Attr, FileKind, Ino, NodeId, ROOT_INO};
+use redb::ReadableTable;
+
+use crate::db::{Tables, WriteCtx};
+use crate::error::{MetaError, Result, not_found};
+use crate::schema::{ChunkRecord, InodeRecord, NodeRecord, get_inode, keys};
+
+const S_ISGID: u32 = 0o2000;
+/// Most hard links one inode may have.
+pub const MAX_LINKS: u32 = 65_000;
+/// Most entries one readdir page returns (bounds the reply frame).
+pub const MAX_DIR_PAGE: u32 = 2048;
+
+fn show(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).into_owned()
+}
+
+fn fs_err(kind: ErrorKind, msg: impl Into<String>) -> MetaError {
+    MetaError::fs(kind, msg)
+}
+
+// ----------------------------------------------------------------------------------------------
+// Queries
+
+pub fn inode(t: &impl Tables, ino: Ino) -> Result<InodeRecord> {
+    get_inode(t.inodes(), ino)?.ok_or_else(|| not_found(format_args!("inode {ino}")))
+}
+
+pub fn directory(t: &impl Tables, ino: Ino) -> Result<InodeRecord> {
+    let rec = inode(t, ino)?;
+    if !rec.is_dir() {
+        return Err(fs_err(
+            ErrorKind::NotDirectory,
+            format!("inode {ino} is not a directory"),
+        ));
+    }
+    Ok(rec)
+}
+
+pub fn child(t: &impl Tables, parent: Ino, name: &[u8]) -> Result<Option<Ino>> {
+    Ok(t.dirents().get((parent, name))?.map(|v| v.value()))
+}
+
+pub fn lookup(t: &impl Tables, parent: Ino, name: &[u8]) -> Result<Attr> {
+    validate_name(name)?;
+    directory(t, parent)?;
+    let ino =
+        child(t, parent, name)?.ok_or_else(|| not_found(format_args!("{:?} in directory {parent}", show(name))))?;
+    Ok(inode(t, ino)?.attr(ino))
+}
+
+pub fn get_attr(t: &impl Tables, ino: Ino) -> Result<Attr> {
+    Ok(inode(t, ino)?.attr(ino))
+}
+
+pub fn read_link(t: &impl Tables, ino: Ino) -> Result<Vec<u8>> {
+    let rec = inode(t, ino)?;
+    if rec.kind != FileKind::Symlink {
+        return Err(fs_err(
+            ErrorKind::InvalidArgument,
+            format!("inode {ino} is not a symlink"),
+        ));
+    }
+    Ok(rec.target)
+}
+
+/// One page of `dir`, in name order, starting after `after`.
+pub fn read_dir(t: &impl Tables, dir: Ino, after: Option<&[u8]>, limit: u32) -> Result<DirPage> {
+    directory(t, dir)?;
+    let limit = limit.clamp(1, MAX_DIR_PAGE) as usize;
+    let start = match after {
+        Some(a) => Bound::Excluded((dir, a)),
+        None => Bound::Included((dir, &[][..])),
+    };
+    let end = Bound::Excluded((dir + 1, &[][..]));
+    let mut entries = Vec::with_capacity(limit.min(256));
+    let mut more = false;
+    for item in t.dirents().range::<(u64, &[u8])>((start, end))? {
+        let (key, value) = item?;
+        if entries.len() == limit {
+            more = true;
+            break;
+        }
+        let ino = value.value();
+        match get_inode(t.inodes(), ino)? {
+            Some(rec) => entries.push(DirEntry {
+                name: key.value().1.to_vec(),
+                attr: rec.attr(ino),
+            }),
+            None => tracing::error!("directory {dir} names missing inode {ino}"),
+        }
+    }
+    Ok(DirPage { entries, more })
+}
+
+/// The stored chunks of `ino` with index in `first..=last`.
+pub fn chunk_range(t: &impl Tables, ino: Ino, first: u64, last: u64) -> Result<Vec<(u64, ChunkRecord)>> {
+    let mut out = Vec::new();
+    for item in t.chunks().range((ino, first)..=(ino, last))? {
+        let (key, value) = item?;
+        out.push((key.value().1, ChunkRecord::from(value.value())));
+    }
+    Ok(out)
+}
+
+pub fn chunk(t: &impl Tables, ino: Ino, index: u64) -> Result<Option<ChunkRecord>> {
+    Ok(t.chunks().get((ino, index))?.map(|v| ChunkRecord::from(v.value())))
+}
+
+fn is_empty_dir(t: &impl Tables, ino: Ino) -> Result<bool> {
+    Ok(t.dirents().range((ino, &[][..])..(ino + 1, &[][..]))?.next().is_none())
+}
+
+// ----------------------------------------------------------------------------------------------
+// Writes
+
+fn counter_for(kind: FileKind) -> &'static str {
+    match kind {
+        FileKind::Directory => keys::DIRECTORIES,
+        FileKind::Symlink => keys::SYMLINKS,
+        _ => keys::FILES,
+    }
+}
+
+fn alloc_ino(ctx: &mut WriteCtx<'_>) -> Result<Ino> {
+    let next = crate::schema::get_counter(&ctx.meta, keys::NEXT_INO)?;
+    ctx.meta.insert(keys::NEXT_INO, next + 1)?;
+    Ok(next)
+}
+
+/// Applies link-count deltas and an mtime/ctime bump to a parent directory.
+fn touch_dir(ctx: &mut WriteCtx<'_>, dir: Ino, nlink_delta: i32) -> Result<()> {
+    let mut rec = inode(ctx, dir)?;
+    rec.nlink = rec.nlink.saturating_add_signed(nlink_delta);
+    rec.mtime = ctx.now;
+    rec.ctime = ctx.now;
+    ctx.put_inode(dir, &rec)
+}
+
+pub struct NewNode<'a> {
+    pub parent: Ino,
+    pub name: &'a [u8],
+    pub kind: FileKind,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub target: &'a [u8],
+}
+
+pub fn make_node(ctx: &mut WriteCtx<'_>, n: &NewNode<'_>) -> Result<(Ino, InodeRecord)> {
+    validate_name(n.name)?;
+    if n.kind == FileKind::Symlink {
+        if n.target.is_empty() {
+            return Err(fs_err(ErrorKind::NotFound, "empty symlink target"));
+        }
+        if n.target.len() > MAX_SYMLINK_LEN {
+            return Err(fs_err(
+                ErrorKind::NameTooLong,
+                format!("symlink target of {} bytes", n.target.len()),
+            ));
+        }
+    }
+    let parent = directory(ctx, n.parent)?;
+    if child(ctx, n.parent, n.name)?.is_some() {
+        return Err(fs_err(
+            ErrorKind::AlreadyExists,
+            format!("{:?} already exists in directory {}", show(n.name), n.parent),
+        ));
+    }
+    let mut perm = n.perm & 0o7777;
+    let mut gid = n.gid;
+    if parent.perm & S_ISGID != 0 {
+        gid = parent.gid;
+        if n.kind == FileKind::Directory {
+            perm |= S_ISGID;
+        }
+    }
+    let ino = alloc_ino(ctx)?;
+    let mut rec = InodeRecord::new(n.kind, perm, n.uid, gid, ctx.now);
+    rec.rdev = n.rdev;
+    if n.kind == FileKind::Symlink {
+        rec.target = n.target.to_vec();
+        rec.size = n.target.len() as u64;
+    }
+    if n.kind == FileKind::Directory {
+        rec.parent = n.parent;
+    }
+    ctx.put_inode(ino, &rec)?;
+    ctx.dirents.insert((n.parent, n.name), ino)?;
+    touch_dir(ctx, n.parent, if n.kind == FileKind::Directory { 1 } else { 0 })?;
+    ctx.add_counter(counter_for(n.kind), 1)?;
+    Ok((ino, rec))
+}
+
+/// Creates a regular file, or returns the existing one (`false`) unless `exclusive`.
+pub fn create_file(
+    ctx: &mut WriteCtx<'_>,
+    parent: Ino,
+    name: &[u8],
+    perm: u32,
+    uid: u32,
+    gid: u32,
+    exclusive: bool,
+) -> Result<(Attr, bool)> {
+    validate_name(name)?;
+    directory(ctx, parent)?;
+    if let Some(existing) = child(ctx, parent, name)? {
+        if exclusive {
+            return Err(fs_err(
+                ErrorKind::AlreadyExists,
+                format!("{:?} already exists in directory {parent}", show(name)),
+            ));
+        }
+        let rec = inode(ctx, existing)?;
+        if rec.is_dir() {
+            return Err(fs_err(
+                ErrorKind::IsDirectory,
+                format!("{:?} is a directory", show(name)),
+            ));
+        }
+        return Ok((rec.attr(existing), false));
+    }
+    let (ino, rec) = make_node(
+        ctx,
+        &NewNode {
+            parent,
+            name,
+            kind: FileKind::RegularFile,
+            perm,
+            uid,
+            gid,
+            rdev: 0,
+            target: &[],
+        },
+    )?;
+    Ok((rec.attr(ino), true))
+}
+
+/// Removes one link; an inode left without links becomes an orphan for the reaper.
+fn drop_link(ctx: &mut WriteCtx<'_>, ino: Ino, mut rec: InodeRecord) -> Result<()> {
+    rec.nlink = rec.nlink.saturating_sub(1);
+    rec.ctime = ctx.now;
+    if rec.nlink == 0 {
+        ctx.orphans.insert(ino, ())?;
+        ctx.effects.orphaned = true;
+        ctx.add_counter(counter_for(rec.kind), -1)?;
+    }
+    ctx.put_inode(ino, &rec)
+}
+
+pub fn unlink(ctx: &mut WriteCtx<'_>, parent: Ino, name: &[u8]) -> Result<()> {
+    validate_name(name)?;
+    directory(ctx, parent)?;
+    let ino =
+        child(ctx, parent, name)?.ok_or_else(|| not_found(format_args!("{:?} in directory {parent}", show(name))))?;
+    let rec = inode(ctx, ino)?;
+    if rec.is_dir() {
+        return Err(fs_err(
+            ErrorKind::IsDirectory,
+            format!("{:?} is a directory", show(name)),
+        ));
+    }
+    ctx.dirents.remove((parent, name))?;
+    touch_dir(ctx, parent, 0)?;
+    drop_link(ctx, ino, rec)
+}
+
+pub fn remove_dir(ctx: &mut WriteCtx<'_>, parent: Ino, name: &[u8]) -> Result<()> {
+    if name == b".." {
+        return Err(fs_err(ErrorKind::NotEmpty, "cannot remove '..'"));
+    }
+    validate_name(name)?;
+    directory(ctx, parent)?;
+    let ino =
+        child(ctx, parent, name)?.ok_or_else(|| not_found(format_args!("{:?} in directory {parent}", show(name))))?;
+    let rec = inode(ctx, ino)?;
+    if !rec.is_dir() {
+        return Err(fs_err(
+            ErrorKind::NotDirectory,
+            format!("{:?} is not a directory", show(name)),
+        ));
+    }
+    if !is_empty_dir(ctx, ino)? {
+        return Err(fs_err(
+            ErrorKind::NotEmpty,
+            format!("directory {:?} is not empty", show(name)),
+        ));
+    }
+    ctx.dirents.remove((parent, name))?;
+    ctx.inodes.remove(ino)?;
+    touch_dir(ctx, parent, -1)?;
+    ctx.add_counter(keys::DIRECTORIES, -1)
+}
+
+/// Fails if `dir` is `moved` or lies inside it (a directory cannot move into itself).
+fn check_not_inside(ctx: &WriteCtx<'_>, moved: Ino, mut dir: Ino) -> Result<()> {
+    loop {
+        if dir == moved {
+            return Err(fs_err(
+                ErrorKind::InvalidArgument,
+                format!("cannot move directory {moved} inside itself"),
+            ));
+        }
+        if dir == ROOT_INO {
+            return Ok(());
+        }
+        dir = inode(ctx, dir)?.parent;
+    }
+}
+
+pub fn rename(
+    ctx: &mut WriteCtx<'_>,
+    parent: Ino,
+    name: &[u8],
+    new_parent: Ino,
+    new_name: &[u8],
+    mode: RenameMode,
+) -> Result<()> {
+    validate_name(name)?;
+    validate_name(new_name)?;
+    directory(ctx, parent)?;
+    directory(ctx, new_parent)?;
+    let src_ino =
+        child(ctx, parent, name)?.ok_or_else(|| not_found(format_args!("{:?} in directory {parent}", show(name))))?;
+    let mut src = inode(ctx, src_ino)?;
+    let dst_ino = child(ctx, new_parent, new_name)?;
+    if parent == new_parent && name == new_name {
+        return Ok(());
+    }
+    if src.is_dir() && parent != new_parent {
+        check_not_inside(ctx, src_ino, new_parent)?;
+    }
+    let moved_dir_delta = if src.is_dir() && parent != new_parent { 1 } else { 0 };
+    let mut replaced_dir = false;
+    match (mode, dst_ino) {
+        (RenameMode::NoReplace, Some(_)) => {
+            return Err(fs_err(
+                ErrorKind::AlreadyExists,
+                format!("{:?} already exists in directory {new_parent}", show(new_name)),
+            ));
+        }
+        (RenameMode::Exchange, None) => {
+            return Err(not_found(format_args!(
+                "{:?} in directory {new_parent}",
+                show(new_name)
+            )));
+        }
+        (RenameMode::Exchange, Some(dst_ino)) => {
+            return exchange(ctx, (parent, name, src_ino, src), (new_parent, new_name, dst_ino));
+        }
+        (_, Some(dst_ino)) if dst_ino == src_ino => return Ok(()),
+        (_, Some(dst_ino)) => {
+            let dst = inode(ctx, dst_ino)?;
+            if src.is_dir() {
+                if !dst.is_dir() {
+                    return Err(fs_err(
+                        ErrorKind::NotDirectory,
+                        format!("{:?} is not a directory", show(new_name)),
+                    ));
+                }
+                if !is_empty_dir(ctx, dst_ino)? {
+                    return Err(fs_err(
+                        ErrorKind::NotEmpty,
+                        format!("directory {:?} is not empty", show(new_name)),
+                    ));
+                }
+            } else if dst.is_dir() {
+                return Err(fs_err(
+                    ErrorKind::IsDirectory,
+                    format!("{:?} is a directory", show(new_name)),
+                ));
+            }
+            if dst.is_dir() {
+                ctx.inodes.remove(dst_ino)?;
+                ctx.add_counter(keys::DIRECTORIES, -1)?;
+                replaced_dir = true;
+            } else {
+                drop_link(ctx, dst_ino, dst)?;
+            }
+        }
+        (_, None) => {}
+    }
+    ctx.dirents.remove((parent, name))?;
+    ctx.dirents.insert((new_parent, new_name), src_ino)?;
+    src.ctime = ctx.now;
+    if src.is_dir() {
+        src.parent = new_parent;
+    }
+    ctx.put_inode(src_ino, &src)?;
+    let replaced_delta = if replaced_dir { -1 } else { 0 };
+    if parent == new_parent {
+        touch_dir(ctx, parent, replaced_delta)?;
+    } else {
+        touch_dir(ctx, parent, -moved_dir_delta)?;
+        touch_dir(ctx, new_parent, moved_dir_delta + replaced_delta)?;
+    }
+    Ok(())
+}
+
+fn exchange(
+    ctx: &mut WriteCtx<'_>,
+    (parent, name, a_ino, mut a): (Ino, &[u8], Ino, InodeRecord),
+    (new_parent, new_name, b_ino): (Ino, &[u8], Ino),
+) -> Result<()> {
+    if a_ino == b_ino {
+        return Ok(());
+    }
+    let mut b = inode(ctx, b_ino)?;
+    if parent != new_parent {
+        if a.is_dir() {
+            check_not_inside(ctx, a_ino, new_parent)?;
+        }
+        if b.is_dir() {
+            check_not_inside(ctx, b_ino, parent)?;
+        }
+    }
+    ctx.dirents.insert((parent, name), b_ino)?;
+    ctx.dirents.insert((new_parent, new_name), a_ino)?;
+    a.ctime = ctx.now;
+    b.ctime = ctx.now;
+    if a.is_dir() {
+        a.parent = new_parent;
+    }
+    if b.is_dir() {
+        b.parent = parent;
+    }
+    ctx.put_inode(a_ino, &a)?;
+    ctx.put_inode(b_ino, &b)?;
+    if parent == new_parent {
+        touch_dir(ctx, parent, 0)
+    } else {
+        let delta = a.is_dir() as i32 - b.is_dir() as i32;
+        touch_dir(ctx, parent, -delta)?;
+        touch_dir(ctx, new_parent, delta)
+    }
+}
+
+pub fn link(ctx: &mut WriteCtx<'_>, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<Attr> {
+    validate_name(new_name)?;
+    let mut rec = inode(ctx, ino)?;
+    if rec.is_dir() {
+        return Err(fs_err(ErrorKind::NotPermitted, format!("inode {ino} is a directory")));
+    }
+    if rec.nlink == 0 {
+        return Err(not_found(format_args!("inode {ino} (unlinked)")));
+    }
+    if rec.nlink >= MAX_LINKS {
+        return Err(fs_err(
+            ErrorKind::TooManyLinks,
+            format!("inode {ino} has {} links", rec.nlink),
+        ));
+    }
+    directory(ctx, new_parent)?;
+    if child(ctx, new_parent, new_name)?.is_some() {
+        return Err(fs_err(
+            ErrorKind::AlreadyExists,
+            format!("{:?} already exists in directory {new_parent}", show(new_name)),
+        ));
+    }
+    ctx.dirents.insert((new_parent, new_name), ino)?;
+    rec.nlink += 1;
+    rec.ctime = ctx.now;
+    ctx.put_inode(ino, &rec)?;
+    touch_dir(ctx, new_parent, 0)?;
+    Ok(rec.attr(ino))
+}
+
+/// Stops referencing a piece and queues its deletion on its daemon.
+fn release_piece(ctx: &mut WriteCtx<'_>, c: ChunkRecord) -> Result<()> {
+    ctx.node_pieces.remove((c.node, c.piece))?;
+    ctx.deletes.insert((c.node, c.piece), ())?;
+    ctx.effects.pieces_removed.push((c.node, c.piece, c.len));
+    Ok(())
+}
+
+/// Drops every chunk of `ino` from index `first` on.
+fn remove_chunks_from(ctx: &mut WriteCtx<'_>, ino: Ino, rec: &mut InodeRecord, first: u64) -> Result<()> {
+    let doomed = chunk_range(ctx, ino, first, u64::MAX)?;
+    for (index, c) in doomed {
+        ctx.chunks.remove((ino, index))?;
+        release_piece(ctx, c)?;
+        rec.stored_bytes = rec.stored_bytes.saturating_sub(c.len);
+    }
+    Ok(())
+}
+
+fn truncate(ctx: &mut WriteCtx<'_>, ino: Ino, rec: &mut InodeRecord, size: u64, chunk_size: u64) -> Result<()> {
+    remove_chunks_from(ctx, ino, rec, size.div_ceil(chunk_size))?;
+    let keep = size % chunk_size;
+    if keep != 0 {
+        let index = size / chunk_size;
+        if let Some(mut c) = chunk(ctx, ino, index)?
+            && c.len > keep
+        {
+            ctx.effects.pieces_removed.push((c.node, c.piece, c.len));
+            ctx.effects.pieces_added.push((c.node, c.piece, keep));
+            rec.stored_bytes = rec.stored_bytes.saturating_sub(c.len - keep);
+            c.len = keep;
+            ctx.chunks.insert((ino, index), c.value())?;
+            ctx.node_pieces.insert((c.node, c.piece), (ino, index, keep))?;
+        }
+    }
+    rec.size = size;
+    Ok(())
+}
+
+pub fn set_attr(ctx: &mut WriteCtx<'_>, req: &SetAttr, chunk_size: u64) -> Result<Attr> {
+    let ino = req.ino;
+    let mut rec = inode(ctx, ino)?;
+    if req.size.is_some() {
+        match rec.kind {
+            FileKind::RegularFile => {}
+            FileKind::Directory => return Err(fs_err(ErrorKind::IsDirectory, format!("inode {ino} is a directory"))),
+            _ => {
+                return Err(fs_err(
+                    ErrorKind::InvalidArgument,
+                    format!("inode {ino} is not a regular file"),
+                ));
+            }
+        }
+    }
+    let mut changed = false;
+    if let Some(perm) = req.perm {
+        rec.perm = perm & 0o7777;
+        changed = true;
+    }
+    if let Some(uid) = req.uid {
+        rec.uid = uid;
+        changed = true;
+    }
+    if let Some(gid) = req.gid {
+        rec.gid = gid;
+        changed = true;
+    }
+    if let Some(size) = req.size {
+        if size != rec.size {
+            truncate(ctx, ino, &mut rec, size, chunk_size)?;
+            rec.mtime = ctx.now;
+        }
+        changed = true;
+    }
+    let resolve = |t: TimeSet, now| match t {
+        TimeSet::Now => now,
+        TimeSet::At(ts) => ts,
+    };
+    if let Some(t) = req.atime {
+        rec.atime = resolve(t, ctx.now);
+        changed = true;
+    }
+    if let Some(t) = req.mtime {
+        rec.mtime = resolve(t, ctx.now);
+        changed = true;
+    }
+    if let Some(c) = req.ctime {
+        rec.ctime = c;
+    } else if changed {
+        rec.ctime = ctx.now;
+    }
+    ctx.put_inode(ino, &rec)?;
+    Ok(rec.attr(ino))
+}
+
+/// Makes durable pieces part of a file, replacing the pieces those chunks held.
+pub fn commit_write(
+    ctx: &mut WriteCtx<'_>,
+    ino: Ino,
+    pieces: &[WrittenPiece],
+    min_size: u64,
+    chunk_size: u64,
+) -> Result<Attr> {
+    for p in pieces {
+        if p.len > chunk_size {
+            return Err(fs_err(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "piece {} of {} bytes exceeds the chunk size {chunk_size}",
+                    p.piece, p.len
+                ),
+            ));
+        }
+    }
+    let mut rec = match get_inode(&ctx.inodes, ino)? {
+        Some(rec) if rec.kind == FileKind::RegularFile => rec,
+        found => {
+            // The file is gone (or never was a file): its new pieces would be leaked.
+            for p in pieces {
+                ctx.deletes.insert((p.node, p.piece), ())?;
+            }
+            return Err(match found {
+                Some(_) => fs_err(ErrorKind::InvalidArgument, format!("inode {ino} is not a regular file")),
+                None => not_found(format_args!("inode {ino}")),
+            });
+        }
+    };
+    for p in pieces {
+        let old = chunk(ctx, ino, p.chunk)?;
+        if old.is_some_and(|o| o.piece == p.piece) {
+            continue;
+        }
+        ctx.chunks.insert((ino, p.chunk), (p.piece, p.node, p.len))?;
+        ctx.node_pieces.insert((p.node, p.piece), (ino, p.chunk, p.len))?;
+        ctx.effects.pieces_added.push((p.node, p.piece, p.len));
+        rec.stored_bytes += p.len;
+        if let Some(o) = old {
+            release_piece(ctx, o)?;
+            rec.stored_bytes = rec.stored_bytes.saturating_sub(o.len);
+        }
+    }
+    rec.size = rec.size.max(min_size);
+    rec.mtime = ctx.now;
+    rec.ctime = ctx.now;
+    ctx.put_inode(ino, &rec)?;
+    Ok(rec.attr(ino))
+}
+
+/// Deletes an orphaned inode and queues its pieces for deletion.
+pub fn reap_orphan(ctx: &mut WriteCtx<'_>, ino: Ino) -> Result<()> {
+    ctx.orphans.remove(ino)?;
+    let Some(mut rec) = get_inode(&ctx.inodes, ino)? else {
+        return Ok(());
+    };
+    if rec.nlink > 0 {
+        return Ok(());
+    }
+    remove_chunks_from(ctx, ino, &mut rec, 0)?;
+    ctx.inodes.remove(ino)?;
+    Ok(())
+}
+
+/// Records a storage daemon by name; returns its id (stable across restarts).
+pub fn register_node(ctx: &mut WriteCtx<'_>, name: &str, addr: &str) -> Result<NodeId> {
+    let mut max_id = 0;
+    let mut found = None;
+    for item in ctx.nodes.iter()? {
+        let (id, value) = item?;
+        let id = id.value();
+        max_id = max_id.max(id);
+        let rec = NodeRecord::decode(id, value.value())?;
+        if rec.name == name {
+            found = Some((id, rec));
+        }
+    }
+    let record = NodeRecord {
+        name: name.to_owned(),
+        addr: addr.to_owned(),
+    };
+    let id = match found {
+        Some((id, existing)) if existing == record => return Ok(id),
+        Some((id, _)) => id,
+        None => max_id + 1,
+    };
+    ctx.nodes.insert(id, record.encode().as_slice())?;
+    Ok(id)
+}
+
+pub fn ack_deletes(ctx: &mut WriteCtx<'_>, node: NodeId, pieces: &[u64]) -> Result<()> {
+    for &p in pieces {
+        ctx.deletes.remove((node, p))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::{self, ReadCtx};
+    use redb::Database;
+
+    const CS: u64 = 1 << 20;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        db: Database,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let db = db::open(&dir.path().join("meta.redb"), CS).unwrap();
+            Fixture { _dir: dir, db }
+        }
+
+        fn write<T>(&self, f: impl FnOnce(&mut WriteCtx<'_>) -> Result<T>) -> Result<T> {
+            let txn = self.db.begin_write().unwrap();
+            let r = {
+                let mut ctx = WriteCtx::open(&txn).unwrap();
+                f(&mut ctx)
+            };
+            txn.commit().unwrap();
+            r
+        }
+
+        fn read(&self) -> ReadCtx {
+            ReadCtx::begin(&self.db).unwrap()
+        }
+
+        fn mk(&self, parent: Ino, name: &str, kind: FileKind) -> Ino {
+            self.write(|c| {
+                make_node(
+                    c,
+                    &NewNode {
+                        parent,
+                        name: name.as_bytes(),
+                        kind,
+                        perm: 0o755,
+                        uid: 1,
+                        gid: 1,
+                        rdev: 0,
+                        target: b"target",
+                    },
+                )
+            })
+            .unwrap()
+            .0
+        }
+
+        fn kind_of(&self, r: Result<impl Sized>) -> ErrorKind {
+            r.err().expect("expected an error").kind()
+        }
+    }
+
+    fn piece(chunk: u64, piece: u64, len: u64) -> WrittenPiece {
+        WrittenPiece {
+            chunk,
+            piece,
+            node: 1,
+            len,
+        }
+    }
+
+    #[test]
+    fn create_lookup_and_nlink() {
+        let f = Fixture::new();
+        let d = f.mk(ROOT_INO, "d", FileKind::Directory);
+        let _ = f.mk(d, "sub", FileKind::Directory);
+        let file = f.mk(d, "file", FileKind::RegularFile);
+        let r = f.read();
+        assert_eq!(lookup(&r, d, b"file").unwrap().ino, file);
+        assert_eq!(get_attr(&r, d).unwrap().nlink, 3);
+        assert_eq!(get_attr(&r, ROOT_INO).unwrap().nlink, 3);
+        assert_eq!(f.kind_of(lookup(&r, d, b"nope")), ErrorKind::NotFound);
+        assert_eq!(f.kind_of(lookup(&r, file, b"x")), ErrorKind::NotDirectory);
+        assert_eq!(f.kind_of(lookup(&r, d, &[b'x'; 256])), ErrorKind::NameTooLong);
+        let dup = f.write(|c| create_file(c, d, b"file", 0o644, 0, 0, true));
+        assert_eq!(f.kind_of(dup), ErrorKind::AlreadyExists);
+        let (attr, created) = f.write(|c| create_file(c, d, b"file", 0o644, 0, 0, false)).unwrap();
+        assert!(!created);
+        assert_eq!(attr.ino, file);
+    }
+
+    #[test]
+    fn readdir_pages_in_name_order() {
+        let f = Fixture::new();
+        let d = f.mk(ROOT_INO, "d", FileKind::Directory);
+        for i in (0..25).rev() {
+            f.mk(d, &format!("f{i:02}"), FileKind::RegularFile);
+        }
+        let r = f.read();
+        let mut names = vec![];
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = read_dir(&r, d, after.as_deref(), 10).unwrap();
+            names.extend(page.entries.iter().map(|e| String::from_utf8(e.name.clone()).unwrap()));
+            after = page.entries.last().map(|e| e.name.clone());
+            if !page.more {
+                break;
+            }
+        }
+        let want: Vec<_> = (0..25).map(|i| format!("f{i:02}")).collect();
+        assert_eq!(names, want);
+        // Entries of a neighbouring directory never leak in.
+        let e = f.mk(ROOT_INO, "e", FileKind::Directory);
+        f.mk(e, "a", FileKind::RegularFile);
+        assert_eq!(read_dir(&f.read(), d, None, 100).unwrap().entries.len(), 25);
+    }
+
+    #[test]
+    fn unlink_orphans_and_reap_queues_deletes() {
+        let f = Fixture::new();
+        let file = f.mk(ROOT_INO, "f", FileKind::RegularFile);
+        f.write(|c| commit_write(c, file, &[piece(0, 10, 100), piece(1, 11, 50)], CS + 50, CS))
+            .unwrap();
+        assert_eq!(get_attr(&f.read(), file).unwrap().stored_bytes, 150);
+        f.write(|c| unlink(c, ROOT_INO, b"f")).unwrap();
+        let r = f.read();
+        assert!(r.orphans.get(file).unwrap().is_some());
+        assert_eq!(get_attr(&r, file).unwrap().nlink, 0);
+        f.write(|c| reap_orphan(c, file)).unwrap();
+        let r = f.read();
+        assert_eq!(f.kind_of(get_attr(&r, file)), ErrorKind::NotFound);
+        let deletes: Vec<_> = r.deletes.iter().unwrap().map(|e| e.unwrap().0.value()).collect();
+        assert_eq!(deletes, vec![(1, 10), (1, 11)]);
+        assert_eq!(r.chunks.iter().unwrap().count(), 0);
+        assert_eq!(r.node_pieces.iter().unwrap().count(), 0);
+    }
+
+    #[test]
+    fn commit_replaces_pieces_and_truncate_clamps() {
+        let f = Fixture::new();
+        let file = f.mk(ROOT_INO, "f", FileKind::RegularFile);
+        f.write(|c| {
+            commit_write(
+                c,
+                file,
+                &[piece(0, 1, CS), piece(1, 2, CS), piece(2, 3, 10)],
+                2 * CS + 10,
+                CS,
+            )
+        })
+        .unwrap();
+        f.write(|c| commit_write(c, file, &[piece(1, 4, CS)], 0, CS)).unwrap();
+        let r = f.read();
+        assert_eq!(get_attr(&r, file).unwrap().size, 2 * CS + 10);
+        assert!(r.deletes.get((1, 2)).unwrap().is_some());
+        let set = SetAttr {
+            ino: file,
+            size: Some(CS + 5),
+            ..Default::default()
+        };
+        let attr = f.write(|c| set_attr(c, &set, CS)).unwrap();
+        assert_eq!(attr.size, CS + 5);
+        assert_eq!(attr.stored_bytes, CS + 5);
+        let r = f.read();
+        let chunks = chunk_range(&r, file, 0, 9).unwrap();
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(chunks[1].1.len, 5);
+        assert!(r.deletes.get((1, 3)).unwrap().is_some());
+        // Commit to a vanished inode queues its pieces for deletion.
+        let gone = f.write(|c| commit_write(c, 999, &[piece(0, 77, 1)], 1, CS));
+        assert_eq!(f.kind_of(gone), ErrorKind::NotFound);
+        assert!(f.read().deletes.get((1, 77)).unwrap().is_some());
+    }
+
+    #[test]
+    fn rename_rules() {
+        let f = Fixture::new();
+        let a = f.mk(ROOT_INO, "a", FileKind::Directory);
+        let b = f.mk(a, "b", FileKind::Directory);
+        let x = f.mk(ROOT_INO, "x", FileKind::RegularFile);
+        let y = f.mk(ROOT_INO, "y", FileKind::RegularFile);
+        // Into itself.
+        let r = f.write(|c| rename(c, ROOT_INO, b"a", b, b"a2", RenameMode::Replace));
+        assert_eq!(f.kind_of(r), ErrorKind::InvalidArgument);
+        // File over file replaces atomically; the replaced inode becomes an orphan.
+        f.write(|c| rename(c, ROOT_INO, b"x", ROOT_INO, b"y", RenameMode::Replace))
+            .unwrap();
+        let rd = f.read();
+        assert_eq!(lookup(&rd, ROOT_INO, b"y").unwrap().ino, x);
+        assert!(rd.orphans.get(y).unwrap().is_some());
+        // NoReplace refuses, file over directory refuses, directory over non-empty refuses.
+        let r = f.write(|c| rename(c, ROOT_INO, b"y", ROOT_INO, b"a", RenameMode::NoReplace));
+        assert_eq!(f.kind_of(r), ErrorKind::AlreadyExists);
+        let r = f.write(|c| rename(c, ROOT_INO, b"y", ROOT_INO, b"a", RenameMode::Replace));
+        assert_eq!(f.kind_of(r), ErrorKind::IsDirectory);
+        let c_dir = f.mk(ROOT_INO, "c", FileKind::Directory);
+        let r = f.write(|c| rename(c, ROOT_INO, b"c", ROOT_INO, b"a", RenameMode::Replace));
+        assert_eq!(f.kind_of(r), ErrorKind::NotEmpty);
+        // Directory moves between parents fix both link counts and the parent pointer.
+        f.write(|c| rename(c, a, b"b", c_dir, b"b", RenameMode::Replace))
+            .unwrap();
+        let rd = f.read();
+        assert_eq!(get_attr(&rd, a).unwrap().nlink, 2);
+        assert_eq!(get_attr(&rd, c_dir).unwrap().nlink, 3);
+        assert_eq!(inode(&rd, b).unwrap().parent, c_dir);
+        // Directory over an empty directory.
+        f.write(|c| rename(c, ROOT_INO, b"c", ROOT_INO, b"a", RenameMode::Replace))
+            .unwrap();
+        let rd = f.read();
+        assert_eq!(lookup(&rd, ROOT_INO, b"a").unwrap().ino, c_dir);
+        assert_eq!(get_attr(&rd, ROOT_INO).unwrap().nlink, 3);
+        // Exchange swaps.
+        let z = f.mk(ROOT_INO, "z", FileKind::RegularFile);
+        f.write(|c| rename(c, ROOT_INO, b"y", ROOT_INO, b"z", RenameMode::Exchange))
+            .unwrap();
+        let rd = f.read();
+        assert_eq!(lookup(&rd, ROOT_INO, b"z").unwrap().ino, x);
+        assert_eq!(lookup(&rd, ROOT_INO, b"y").unwrap().ino, z);
+    }
+
+    #[test]
+    fn rmdir_and_links() {
+        let f = Fixture::new();
+        let d = f.mk(ROOT_INO, "d", FileKind::Directory);
+        let file = f.mk(d, "f", FileKind::RegularFile);
+        assert_eq!(
+            f.kind_of(f.write(|c| remove_dir(c, ROOT_INO, b"d"))),
+            ErrorKind::NotEmpty
+        );
+        assert_eq!(f.kind_of(f.write(|c| remove_dir(c, d, b"f"))), ErrorKind::NotDirectory);
+        assert_eq!(
+            f.kind_of(f.write(|c| unlink(c, ROOT_INO, b"d"))),
+            ErrorKind::IsDirectory
+        );
+        let attr = f.write(|c| link(c, file, ROOT_INO, b"hard")).unwrap();
+        assert_eq!(attr.nlink, 2);
+        assert_eq!(
+            f.kind_of(f.write(|c| link(c, d, ROOT_INO, b"dl"))),
+            ErrorKind::NotPermitted
+        );
+        f.write(|c| unlink(c, d, b"f")).unwrap();
+        let r = f.read();
+        assert_eq!(get_attr(&r, file).unwrap().nlink, 1);
+        assert!(r.orphans.get(file).unwrap().is_none());
+        f.write(|c| remove_dir(c, ROOT_INO, b"d")).unwrap();
+        assert_eq!(get_attr(&f.read(), ROOT_INO).unwrap().nlink, 2);
+    }
+
+    #[test]
+    fn setgid_directories_pass_on_their_group() {
+        let f = Fixture::new();
+        let d = f.mk(ROOT_INO, "d", FileKind::Directory);
+        f.write(|c| {
+            set_attr(
+                c,
+                &SetAttr {
+                    ino: d,
+                    perm: Some(0o2775),
+                    gid: Some(42),
+                    ..Default::default()
+                },
+                CS,
+            )
+        })
+        .unwrap();
+        let sub = f.mk(d, "sub", FileKind::Directory);
+        let file = f.mk(d, "file", FileKind::RegularFile);
+        let r = f.read();
+        assert_eq!(get_attr(&r, sub).unwrap().gid, 42);
+        assert_eq!(get_attr(&r, sub).unwrap().perm & S_ISGID, S_ISGID);
+        assert_eq!(get_attr(&r, file).unwrap().gid, 42);
+    }
+
+    #[test]
+    fn nodes_keep_their_id_by_name() {
+        let f = Fixture::new();
+        let a = f.write(|c| register_node(c, "storage-1", "127.0.0.1:1")).unwrap();
+        let b = f.write(|c| register_node(c, "storage-2", "127.0.0.1:2")).unwrap();
+        let a2 = f.write(|c| register_node(c, "storage-1", "127.0.0.1:9")).unwrap();
+        assert_eq!((a, b, a2), (1, 2, 1));
+    }
+}

@@ -1,0 +1,406 @@
+//! The live view of storage daemons: who is up, what they hold, where new data goes.
+//!
+//! Placement rule: among daemons that are up, not excluded and have room for a chunk, pick the
+//! one storing the fewest bytes, then the fewest pieces (pieces being written count too), so
+//! data spreads evenly as daemons join and as files arrive.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use dfs_proto::meta::NodeReport;
+use dfs_proto::types::{NodeAddr, NodeId, NodeUsage, PieceId};
+
+use crate::db::Effects;
+
+#[derive(Debug, Clone)]
+pub struct NodeState {
+    pub name: String,
+    pub addr: String,
+    pub last_seen: Option<Instant>,
+    /// As last reported by the daemon.
+    pub usage: NodeUsage,
+    /// Pieces (and their bytes) the namespace references on this daemon.
+    pub referenced_pieces: u64,
+    pub referenced_bytes: u64,
+    /// Pieces allocated here and not yet committed, and the bytes they are expected to take.
+    pub pending_pieces: u64,
+    pub pending_bytes: u64,
+    /// Whether the last liveness check saw it up (for logging transitions).
+    pub was_up: bool,
+}
+
+#[derive(Debug)]
+struct Pending {
+    node: NodeId,
+    bytes: u64,
+    since: Instant,
+}
+
+#[derive(Debug)]
+pub struct Registry {
+    nodes: BTreeMap<NodeId, NodeState>,
+    pending: HashMap<PieceId, Pending>,
+    heartbeat_timeout: Duration,
+}
+
+/// Why no daemon could be chosen, for the client and the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "no storage daemon available: {registered} registered, {up} up, {with_room} of those with room, {excluded} unreachable from the client"
+)]
+pub struct NoDaemon {
+    pub registered: usize,
+    pub up: usize,
+    pub with_room: usize,
+    pub excluded: usize,
+}
+
+impl Registry {
+    pub fn new(heartbeat_timeout: Duration) -> Self {
+        Registry {
+            nodes: BTreeMap::new(),
+            pending: HashMap::new(),
+            heartbeat_timeout,
+        }
+    }
+
+    /// Adds a daemon known from the database (down until it heartbeats).
+    pub fn load(&mut self, id: NodeId, name: String, addr: String) {
+        self.nodes.insert(
+            id,
+            NodeState {
+                name,
+                addr,
+                last_seen: None,
+                usage: NodeUsage::default(),
+                referenced_pieces: 0,
+                referenced_bytes: 0,
+                pending_pieces: 0,
+                pending_bytes: 0,
+                was_up: false,
+            },
+        );
+    }
+
+    pub fn add_referenced(&mut self, id: NodeId, pieces: u64, bytes: u64) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.referenced_pieces += pieces;
+            n.referenced_bytes += bytes;
+        }
+    }
+
+    pub fn registered(&mut self, id: NodeId, name: String, addr: String, usage: NodeUsage, now: Instant) {
+        let node = self.nodes.entry(id).or_insert_with(|| NodeState {
+            name: name.clone(),
+            addr: addr.clone(),
+            last_seen: None,
+            usage,
+            referenced_pieces: 0,
+            referenced_bytes: 0,
+            pending_pieces: 0,
+            pending_bytes: 0,
+            was_up: false,
+        });
+        node.name = name;
+        node.addr = addr;
+        node.usage = usage;
+        node.last_seen = Some(now);
+    }
+
+    /// Records a heartbeat; false if the daemon is unknown (it must register).
+    pub fn heartbeat(&mut self, id: NodeId, usage: NodeUsage, now: Instant) -> bool {
+        match self.nodes.get_mut(&id) {
+            Some(n) => {
+                n.usage = usage;
+                n.last_seen = Some(now);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn is_up(&self, id: NodeId, now: Instant) -> bool {
+        self.nodes.get(&id).is_some_and(|n| self.up(n, now))
+    }
+
+    fn up(&self, n: &NodeState, now: Instant) -> bool {
+        n.last_seen
+            .is_some_and(|t| now.saturating_duration_since(t) < self.heartbeat_timeout)
+    }
+
+    pub fn node(&self, id: NodeId) -> Option<&NodeState> {
+        self.nodes.get(&id)
+    }
+
+    pub fn addr(&self, id: NodeId, now: Instant) -> NodeAddr {
+        match self.nodes.get(&id) {
+            Some(n) => NodeAddr {
+                id,
+                name: n.name.clone(),
+                addr: n.addr.clone(),
+                up: self.up(n, now),
+            },
+            None => NodeAddr {
+                id,
+                name: format!("node-{id}"),
+                addr: String::new(),
+                up: false,
+            },
+        }
+    }
+
+    /// Picks the daemon for a new piece of at most `min_free` bytes.
+    pub fn choose(&self, exclude: &[NodeId], min_free: u64, now: Instant) -> Result<NodeId, NoDaemon> {
+        let mut up = 0;
+        let mut with_room = 0;
+        let mut excluded = 0;
+        let mut best: Option<(u64, u64, NodeId)> = None;
+        for (&id, n) in &self.nodes {
+            if !self.up(n, now) {
+                continue;
+            }
+            up += 1;
+            if n.usage.free_bytes < min_free {
+                continue;
+            }
+            with_room += 1;
+            if exclude.contains(&id) {
+                excluded += 1;
+                continue;
+            }
+            let key = (
+                n.referenced_bytes + n.pending_bytes,
+                n.referenced_pieces + n.pending_pieces,
+                id,
+            );
+            if best.is_none_or(|b| key < b) {
+                best = Some(key);
+            }
+        }
+        best.map(|(_, _, id)| id).ok_or(NoDaemon {
+            registered: self.nodes.len(),
+            up,
+            with_room,
+            excluded,
+        })
+    }
+
+    /// Records an allocation expected to take `bytes` once written (so that a burst of
+    /// allocations, e.g. the chunks of one large file, spreads before anything is committed).
+    pub fn note_pending(&mut self, piece: PieceId, node: NodeId, bytes: u64, now: Instant) {
+        if let Some(n) = self.nodes.get_mut(&node) {
+            n.pending_pieces += 1;
+            n.pending_bytes += bytes;
+        }
+        self.pending.insert(
+            piece,
+            Pending {
+                node,
+                bytes,
+                since: now,
+            },
+        );
+    }
+
+    pub fn is_pending(&self, piece: PieceId) -> bool {
+        self.pending.contains_key(&piece)
+    }
+
+    fn clear_pending(&mut self, piece: PieceId) {
+        if let Some(p) = self.pending.remove(&piece)
+            && let Some(n) = self.nodes.get_mut(&p.node)
+        {
+            n.pending_pieces = n.pending_pieces.saturating_sub(1);
+            n.pending_bytes = n.pending_bytes.saturating_sub(p.bytes);
+        }
+    }
+
+    /// Forgets allocations never committed within `max_age` (the client gave up).
+    pub fn expire_pending(&mut self, now: Instant, max_age: Duration) {
+        let stale: Vec<PieceId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now.saturating_duration_since(p.since) > max_age)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stale {
+            self.clear_pending(id);
+        }
+    }
+
+    pub fn apply(&mut self, effects: &Effects) {
+        for &(node, piece, len) in &effects.pieces_added {
+            self.clear_pending(piece);
+            if let Some(n) = self.nodes.get_mut(&node) {
+                n.referenced_pieces += 1;
+                n.referenced_bytes += len;
+            }
+        }
+        for &(node, _, len) in &effects.pieces_removed {
+            if let Some(n) = self.nodes.get_mut(&node) {
+                n.referenced_pieces = n.referenced_pieces.saturating_sub(1);
+                n.referenced_bytes = n.referenced_bytes.saturating_sub(len);
+            }
+        }
+    }
+
+    /// Capacity and free space over the daemons that are up.
+    pub fn totals(&self, now: Instant) -> (u64, u64, u64) {
+        self.nodes
+            .values()
+            .filter(|n| self.up(n, now))
+            .fold((0, 0, 0), |(cap, free, used), n| {
+                (
+                    cap + n.usage.capacity_bytes,
+                    free + n.usage.free_bytes,
+                    used + n.usage.bytes,
+                )
+            })
+    }
+
+    pub fn report(&self, now: Instant) -> Vec<NodeReport> {
+        self.nodes
+            .iter()
+            .map(|(&id, n)| NodeReport {
+                node: self.addr(id, now),
+                usage: n.usage,
+                referenced_pieces: n.referenced_pieces,
+                referenced_bytes: n.referenced_bytes,
+                last_seen_ms: n.last_seen.map(|t| now.saturating_duration_since(t).as_millis() as u64),
+            })
+            .collect()
+    }
+
+    /// Daemons whose up/down state changed since the last call, with their new state.
+    pub fn transitions(&mut self, now: Instant) -> Vec<(NodeAddr, bool, Option<Duration>)> {
+        let timeout = self.heartbeat_timeout;
+        let mut out = vec![];
+        for (&id, n) in self.nodes.iter_mut() {
+            let up = n.last_seen.is_some_and(|t| now.saturating_duration_since(t) < timeout);
+            if up != n.was_up {
+                n.was_up = up;
+                out.push((
+                    NodeAddr {
+                        id,
+                        name: n.name.clone(),
+                        addr: n.addr.clone(),
+                        up,
+                    },
+                    up,
+                    n.last_seen.map(|t| now.saturating_duration_since(t)),
+                ));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(free: u64) -> NodeUsage {
+        NodeUsage {
+            free_bytes: free,
+            capacity_bytes: free,
+            ..Default::default()
+        }
+    }
+
+    fn registry(n: u32) -> (Registry, Instant) {
+        let now = Instant::now();
+        let mut r = Registry::new(Duration::from_secs(5));
+        for id in 1..=n {
+            r.registered(id, format!("s{id}"), format!("127.0.0.1:{id}"), usage(1 << 30), now);
+        }
+        (r, now)
+    }
+
+    fn commit(r: &mut Registry, node: NodeId, piece: PieceId, len: u64) {
+        r.apply(&Effects {
+            pieces_added: vec![(node, piece, len)],
+            ..Default::default()
+        });
+    }
+
+    #[test]
+    fn equal_files_spread_round_robin() {
+        let (mut r, now) = registry(3);
+        let mut count = [0u32; 4];
+        for piece in 0..999 {
+            let node = r.choose(&[], 1, now).unwrap();
+            r.note_pending(piece, node, 0, now);
+            commit(&mut r, node, piece, 4096);
+            count[node as usize] += 1;
+        }
+        assert_eq!(&count[1..], &[333, 333, 333]);
+    }
+
+    #[test]
+    fn concurrent_allocations_spread_by_pending_pieces() {
+        let (mut r, now) = registry(3);
+        let picks: Vec<_> = (0..6)
+            .map(|piece| {
+                let node = r.choose(&[], 1, now).unwrap();
+                r.note_pending(piece, node, 0, now);
+                node
+            })
+            .collect();
+        assert_eq!(picks, vec![1, 2, 3, 1, 2, 3]);
+    }
+
+    #[test]
+    fn chunks_of_one_large_file_spread_before_commit() {
+        let (mut r, now) = registry(3);
+        commit(&mut r, 1, 100, 10);
+        let picks: Vec<_> = (0..6)
+            .map(|piece| {
+                let node = r.choose(&[], 1, now).unwrap();
+                r.note_pending(piece, node, 8 << 20, now);
+                node
+            })
+            .collect();
+        assert_eq!(picks, vec![2, 3, 1, 2, 3, 1]);
+    }
+
+    #[test]
+    fn new_daemon_receives_new_data_until_balanced() {
+        let (mut r, now) = registry(2);
+        commit(&mut r, 1, 1, 1000);
+        commit(&mut r, 2, 2, 1000);
+        r.registered(3, "s3".into(), "x".into(), usage(1 << 30), now);
+        assert_eq!(r.choose(&[], 1, now).unwrap(), 3);
+    }
+
+    #[test]
+    fn down_full_and_excluded_daemons_are_skipped() {
+        let (mut r, now) = registry(3);
+        r.registered(2, "s2".into(), "x".into(), usage(10), now);
+        assert_eq!(r.choose(&[1], 100, now).unwrap(), 3);
+        let later = now + Duration::from_secs(6);
+        r.heartbeat(3, usage(1 << 30), later);
+        assert_eq!(r.choose(&[], 100, later).unwrap(), 3);
+        let err = r.choose(&[3], 100, later).unwrap_err();
+        assert_eq!(
+            err,
+            NoDaemon {
+                registered: 3,
+                up: 1,
+                with_room: 1,
+                excluded: 1
+            }
+        );
+        assert!(Registry::new(Duration::from_secs(1)).choose(&[], 0, now).is_err());
+    }
+
+    #[test]
+    fn transitions_are_reported_once() {
+        let (mut r, now) = registry(1);
+        assert_eq!(r.transitions(now).len(), 1);
+        assert!(r.transitions(now).is_empty());
+        let later = now + Duration::from_secs(6);
+        let t = r.transitions(later);
+        assert_eq!(t.len(), 1);
+        assert!(!t[0].1);
+    }
+}

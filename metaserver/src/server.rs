@@ -1,0 +1,105 @@
+//! Accepts QUIC connections and answers one request per stream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dfs_proto::meta::*;
+use dfs_proto::server::{read_request, reply, reply_error};
+use dfs_proto::{ErrorKind, RemoteError};
+use quinn::{Endpoint, RecvStream, SendStream};
+
+use crate::error::MetaError;
+use crate::service::MetaService;
+
+/// A client that opens a stream but does not send its request within this long is dropped.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub async fn serve(endpoint: Endpoint, svc: Arc<MetaService>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    dfs_proto::server::log_handshake_failure(remote, &e);
+                    return;
+                }
+            };
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                tokio::spawn(handle_stream(svc.clone(), send, recv, remote));
+            }
+        });
+    }
+}
+
+/// Answers a request with the handler's result, logging failures that are the metaserver's own.
+macro_rules! answer {
+    ($send:expr, $remote:expr, $call:ty, $result:expr) => {{
+        let result: Result<_, MetaError> = $result;
+        if let Err(e) = &result {
+            match e {
+                MetaError::Fs(_) => tracing::debug!("{} from {}: {e}", stringify!($call), $remote),
+                _ => tracing::error!("{} from {} failed: {e}", stringify!($call), $remote),
+            }
+        }
+        reply::<$call>($send, result.map_err(|e| e.to_remote())).await
+    }};
+}
+
+async fn handle_stream(svc: Arc<MetaService>, mut send: SendStream, mut recv: RecvStream, remote: SocketAddr) {
+    let request = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_request::<MetaRequest>(&mut recv)).await {
+        Ok(Ok(Some(r))) => r,
+        Ok(Ok(None)) | Err(_) => return,
+        Ok(Err(e)) => {
+            tracing::warn!("bad request from {remote}: {e}");
+            let _ = reply_error(&mut send, RemoteError::new(ErrorKind::InvalidArgument, e.to_string())).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    let s = &mut send;
+    let sent = match request {
+        MetaRequest::OpenSession(r) => answer!(s, remote, OpenSession, svc.open_session(r).await),
+        MetaRequest::KeepAlive(r) => answer!(s, remote, KeepAlive, svc.keep_alive(r).await),
+        MetaRequest::Lookup(r) => answer!(s, remote, Lookup, svc.lookup(r).await),
+        MetaRequest::GetAttr(r) => answer!(s, remote, GetAttr, svc.get_attr(r).await),
+        MetaRequest::ReadDir(r) => answer!(s, remote, ReadDir, svc.read_dir(r).await),
+        MetaRequest::ReadLink(r) => answer!(s, remote, ReadLink, svc.read_link(r).await),
+        MetaRequest::MakeNode(r) => answer!(s, remote, MakeNode, svc.make_node(r).await),
+        MetaRequest::Create(r) => answer!(s, remote, Create, svc.create(r).await),
+        MetaRequest::Open(r) => answer!(s, remote, Open, svc.open(r).await),
+        MetaRequest::Release(r) => answer!(s, remote, Release, svc.release(r).await),
+        MetaRequest::SetAttr(r) => answer!(s, remote, SetAttr, svc.set_attr(r).await),
+        MetaRequest::Unlink(r) => answer!(s, remote, Unlink, svc.unlink(r).await),
+        MetaRequest::RemoveDir(r) => answer!(s, remote, RemoveDir, svc.remove_dir(r).await),
+        MetaRequest::Rename(r) => answer!(s, remote, Rename, svc.rename(r).await),
+        MetaRequest::Link(r) => answer!(s, remote, Link, svc.link(r).await),
+        MetaRequest::ChunkMap(r) => answer!(s, remote, ChunkMap, svc.chunk_map(r).await),
+        MetaRequest::AllocatePiece(r) => answer!(s, remote, AllocatePiece, svc.allocate_piece(r).await),
+        MetaRequest::CommitWrite(r) => answer!(s, remote, CommitWrite, svc.commit_write(r).await),
+        MetaRequest::StatFs(r) => answer!(s, remote, StatFs, svc.stat_fs(r).await),
+        MetaRequest::ClusterStatus(r) => answer!(s, remote, ClusterStatus, svc.cluster_status(r).await),
+        MetaRequest::RegisterNode(r) => answer!(s, remote, RegisterNode, svc.register_node(r).await),
+        MetaRequest::Heartbeat(r) => answer!(s, remote, Heartbeat, svc.heartbeat(r).await),
+        MetaRequest::Inventory(r) => answer!(s, remote, Inventory, svc.inventory(r).await),
+    };
+    if sent.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+/// Runs housekeeping every second, and right away when a file may have lost its last user.
+pub async fn housekeeping(svc: Arc<MetaService>) {
+    let signal = svc.reaper_signal();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = signal.notified() => {}
+        }
+        svc.housekeeping().await;
+    }
+}

@@ -1,0 +1,669 @@
+//! Request handlers: each maps one wire request onto queries (snapshots on the blocking pool),
+//! committed operations, the registry and the sessions.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use dfs_proto::ErrorKind;
+use dfs_proto::meta::*;
+use dfs_proto::types::{Attr, FileKind, Ino, NodeId, PieceId};
+use redb::{Database, ReadableTable, ReadableTableMetadata};
+use tokio::sync::Notify;
+
+use crate::committer::Committer;
+use crate::db::{ReadCtx, WriteCtx};
+use crate::error::{MetaError, Result};
+use crate::namespace::{self, NewNode};
+use crate::registry::Registry;
+use crate::schema::{ChunkRecord, NodeRecord, get_counter, keys};
+use crate::sessions::Sessions;
+
+/// Piece ids are reserved on disk in blocks, so allocating one rarely needs a commit.
+const PIECE_ID_BLOCK: u64 = 100_000;
+/// Most chunk locations one `ChunkMap` reply carries.
+const MAX_CHUNK_MAP: u32 = 1024;
+/// Most deletions handed to a daemon per heartbeat.
+const DELETES_PER_HEARTBEAT: usize = 2048;
+/// An allocation not committed within this long is forgotten by placement.
+const PENDING_MAX_AGE: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub chunk_size: u64,
+    pub heartbeat_timeout: Duration,
+    pub session_timeout: Duration,
+    pub orphan_piece_grace: Duration,
+}
+
+pub struct MetaService {
+    db: Arc<Database>,
+    committer: Committer,
+    registry: Arc<Mutex<Registry>>,
+    sessions: Mutex<Sessions>,
+    piece_ids: tokio::sync::Mutex<(PieceId, PieceId)>,
+    inventories: Mutex<HashMap<NodeId, HashSet<PieceId>>>,
+    reaper: Arc<Notify>,
+    settings: Settings,
+    started: Instant,
+    /// Orphans that existed when the metaserver started: mounts may still hold them open and
+    /// get one session timeout to say so.
+    inherited_orphans: Mutex<HashSet<Ino>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn stale_session(id: u64) -> MetaError {
+    MetaError::fs(
+        ErrorKind::Stale,
+        format!("session {id} is unknown to the metaserver (restarted?)"),
+    )
+}
+
+impl MetaService {
+    /// Loads the in-memory view from the database and starts the commit thread.
+    pub fn start(db: Arc<Database>, mut settings: Settings) -> Result<Arc<Self>> {
+        let r = ReadCtx::begin(&db)?;
+        let stored_chunk = get_counter(&r.meta, keys::CHUNK_SIZE)?;
+        if stored_chunk != settings.chunk_size {
+            tracing::info!(
+                "using chunk size {stored_chunk} fixed when this cluster was created (config says {})",
+                settings.chunk_size
+            );
+            settings.chunk_size = stored_chunk;
+        }
+        let mut registry = Registry::new(settings.heartbeat_timeout);
+        for item in r.nodes.iter()? {
+            let (id, value) = item?;
+            let rec = NodeRecord::decode(id.value(), value.value())?;
+            registry.load(id.value(), rec.name, rec.addr);
+        }
+        for item in r.node_pieces.iter()? {
+            let (key, value) = item?;
+            registry.add_referenced(key.value().0, 1, value.value().2);
+        }
+        let limit = get_counter(&r.meta, keys::PIECE_ID_LIMIT)?;
+        let mut inherited_orphans = HashSet::new();
+        for item in r.orphans.iter()? {
+            inherited_orphans.insert(item?.0.value());
+        }
+        drop(r);
+        let registry = Arc::new(Mutex::new(registry));
+        let reaper = Arc::new(Notify::new());
+        let committer = {
+            let registry = registry.clone();
+            let reaper = reaper.clone();
+            Committer::start(db.clone(), move |effects| {
+                lock(&registry).apply(&effects);
+                if effects.orphaned {
+                    reaper.notify_one();
+                }
+            })
+        };
+        Ok(Arc::new(MetaService {
+            db,
+            committer,
+            registry,
+            sessions: Mutex::new(Sessions::new(settings.session_timeout)),
+            piece_ids: tokio::sync::Mutex::new((limit, limit)),
+            inventories: Mutex::new(HashMap::new()),
+            reaper,
+            settings,
+            started: Instant::now(),
+            inherited_orphans: Mutex::new(inherited_orphans),
+        }))
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.settings.chunk_size
+    }
+
+    /// Runs a query on a consistent snapshot, off the async threads.
+    async fn read<T: Send + 'static>(&self, f: impl FnOnce(&ReadCtx) -> Result<T> + Send + 'static) -> Result<T> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&ReadCtx::begin(&db)?))
+            .await
+            .map_err(|e| MetaError::CommitFailed(format!("query task failed: {e}")))?
+    }
+
+    async fn write<T, F>(&self, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'t> FnOnce(&mut WriteCtx<'t>) -> Result<T> + Send + 'static,
+    {
+        self.committer.write(op).await
+    }
+
+    async fn next_piece_id(&self) -> Result<PieceId> {
+        let mut ids = self.piece_ids.lock().await;
+        if ids.0 >= ids.1 {
+            let limit = self
+                .write(|ctx| {
+                    let limit = get_counter(&ctx.meta, keys::PIECE_ID_LIMIT)? + PIECE_ID_BLOCK;
+                    ctx.meta.insert(keys::PIECE_ID_LIMIT, limit)?;
+                    Ok(limit)
+                })
+                .await?;
+            *ids = (ids.0.max(limit - PIECE_ID_BLOCK), limit);
+        }
+        let id = ids.0;
+        ids.0 += 1;
+        Ok(id)
+    }
+
+    /// A new piece for a chunk that holds no data yet, on the daemon placement picks.
+    async fn allocate_new(&self, chunk: u64, exclude: &[NodeId]) -> Result<Allocation> {
+        let node = {
+            let registry = lock(&self.registry);
+            registry
+                .choose(exclude, self.settings.chunk_size, Instant::now())
+                .map_err(|e| MetaError::fs(ErrorKind::NoSpace, e.to_string()))?
+        };
+        let piece = self.next_piece_id().await?;
+        let now = Instant::now();
+        let mut registry = lock(&self.registry);
+        // Beyond the first chunk a file is large: expect a full chunk. A first chunk may be a
+        // small file, and only counts as a piece.
+        let expected = if chunk == 0 { 0 } else { self.settings.chunk_size };
+        registry.note_pending(piece, node, expected, now);
+        Ok(Allocation {
+            chunk,
+            piece,
+            node: registry.addr(node, now),
+            base: None,
+        })
+    }
+
+    fn location(&self, chunk: u64, c: ChunkRecord, now: Instant) -> ChunkLocation {
+        ChunkLocation {
+            chunk,
+            piece: c.piece,
+            len: c.len,
+            node: lock(&self.registry).addr(c.node, now),
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Sessions
+
+    pub async fn open_session(&self, req: OpenSession) -> Result<SessionInfo> {
+        let session =
+            lock(&self.sessions).open_session(req.client.clone(), req.resume, &req.open_files, Instant::now());
+        tracing::info!(
+            "session {session} opened by {} ({} open files)",
+            req.client,
+            req.open_files.len()
+        );
+        Ok(SessionInfo {
+            session,
+            chunk_size: self.settings.chunk_size,
+            keepalive_ms: (self.settings.session_timeout.as_millis() / 4).max(200) as u32,
+        })
+    }
+
+    pub async fn keep_alive(&self, req: KeepAlive) -> Result<()> {
+        if lock(&self.sessions).renew(req.session, Instant::now()) {
+            Ok(())
+        } else {
+            Err(stale_session(req.session))
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Namespace
+
+    pub async fn lookup(&self, req: Lookup) -> Result<Attr> {
+        self.read(move |r| namespace::lookup(r, req.parent, &req.name)).await
+    }
+
+    pub async fn get_attr(&self, req: GetAttr) -> Result<Attr> {
+        self.read(move |r| namespace::get_attr(r, req.ino)).await
+    }
+
+    pub async fn read_dir(&self, req: ReadDir) -> Result<DirPage> {
+        self.read(move |r| namespace::read_dir(r, req.dir, req.after.as_deref(), req.limit))
+            .await
+    }
+
+    pub async fn read_link(&self, req: ReadLink) -> Result<Vec<u8>> {
+        self.read(move |r| namespace::read_link(r, req.ino)).await
+    }
+
+    pub async fn make_node(&self, req: MakeNode) -> Result<Attr> {
+        self.write(move |ctx| {
+            let (ino, rec) = namespace::make_node(
+                ctx,
+                &NewNode {
+                    parent: req.parent,
+                    name: &req.name,
+                    kind: req.kind,
+                    perm: req.perm,
+                    uid: req.uid,
+                    gid: req.gid,
+                    rdev: req.rdev,
+                    target: &req.target,
+                },
+            )?;
+            Ok(rec.attr(ino))
+        })
+        .await
+    }
+
+    pub async fn create(&self, req: Create) -> Result<Created> {
+        let session = req.session;
+        let now = Instant::now();
+        if !lock(&self.sessions).renew(session, now) {
+            return Err(stale_session(session));
+        }
+        let no_room = lock(&self.registry).choose(&[], self.settings.chunk_size, now).err();
+        let (attr, created) = self
+            .write(move |ctx| {
+                if let Some(reason) = no_room {
+                    // Opening an existing file needs no daemon; creating one that nothing could
+                    // be written into does.
+                    dfs_proto::names::validate_name(&req.name)?;
+                    if namespace::child(ctx, req.parent, &req.name)?.is_none() {
+                        return Err(MetaError::fs(ErrorKind::NoSpace, reason.to_string()));
+                    }
+                }
+                namespace::create_file(ctx, req.parent, &req.name, req.perm, req.uid, req.gid, req.exclusive)
+            })
+            .await?;
+        if !lock(&self.sessions).open(session, attr.ino, Instant::now()) {
+            return Err(stale_session(session));
+        }
+        let first_piece = if created {
+            self.allocate_new(0, &[]).await.ok()
+        } else {
+            None
+        };
+        Ok(Created {
+            attr,
+            created,
+            first_piece,
+        })
+    }
+
+    pub async fn open(&self, req: Open) -> Result<Opened> {
+        if !lock(&self.sessions).open(req.session, req.ino, Instant::now()) {
+            return Err(stale_session(req.session));
+        }
+        let ino = req.ino;
+        let result = self
+            .read(move |r| {
+                let attr = namespace::get_attr(r, ino)?;
+                let chunks = if attr.kind == FileKind::RegularFile {
+                    namespace::chunk_range(r, ino, 0, CHUNK_WINDOW as u64 - 1)?
+                } else {
+                    vec![]
+                };
+                Ok((attr, chunks))
+            })
+            .await;
+        match result {
+            Ok((attr, chunks)) => {
+                let now = Instant::now();
+                let chunks = chunks.into_iter().map(|(i, c)| self.location(i, c, now)).collect();
+                Ok(Opened { attr, chunks })
+            }
+            Err(e) => {
+                lock(&self.sessions).release(req.session, req.ino, Instant::now());
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn release(&self, req: Release) -> Result<()> {
+        if lock(&self.sessions).release(req.session, req.ino, Instant::now()) {
+            // Possibly the last close of an unlinked file.
+            self.reaper.notify_one();
+        }
+        Ok(())
+    }
+
+    pub async fn set_attr(&self, req: SetAttr) -> Result<Attr> {
+        let chunk_size = self.settings.chunk_size;
+        self.write(move |ctx| namespace::set_attr(ctx, &req, chunk_size)).await
+    }
+
+    pub async fn unlink(&self, req: Unlink) -> Result<()> {
+        self.write(move |ctx| namespace::unlink(ctx, req.parent, &req.name))
+            .await
+    }
+
+    pub async fn remove_dir(&self, req: RemoveDir) -> Result<()> {
+        self.write(move |ctx| namespace::remove_dir(ctx, req.parent, &req.name))
+            .await
+    }
+
+    pub async fn rename(&self, req: Rename) -> Result<()> {
+        self.write(move |ctx| namespace::rename(ctx, req.parent, &req.name, req.new_parent, &req.new_name, req.mode))
+            .await
+    }
+
+    pub async fn link(&self, req: Link) -> Result<Attr> {
+        self.write(move |ctx| namespace::link(ctx, req.ino, req.new_parent, &req.new_name))
+            .await
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Data placement
+
+    pub async fn chunk_map(&self, req: ChunkMap) -> Result<ChunkMapReply> {
+        let count = req.count.clamp(1, MAX_CHUNK_MAP) as u64;
+        let (attr, chunks) = self
+            .read(move |r| {
+                let attr = namespace::get_attr(r, req.ino)?;
+                let last = req.first.saturating_add(count - 1);
+                Ok((attr, namespace::chunk_range(r, req.ino, req.first, last)?))
+            })
+            .await?;
+        let now = Instant::now();
+        let chunks = chunks.into_iter().map(|(i, c)| self.location(i, c, now)).collect();
+        Ok(ChunkMapReply {
+            attr,
+            chunk_size: self.settings.chunk_size,
+            chunks,
+        })
+    }
+
+    pub async fn allocate_piece(&self, req: AllocatePiece) -> Result<Allocation> {
+        let (ino, chunk) = (req.ino, req.chunk);
+        let existing = self
+            .read(move |r| {
+                let rec = namespace::inode(r, ino)?;
+                if rec.kind != FileKind::RegularFile {
+                    return Err(MetaError::fs(
+                        ErrorKind::InvalidArgument,
+                        format!("inode {ino} is not a regular file"),
+                    ));
+                }
+                namespace::chunk(r, ino, chunk)
+            })
+            .await?;
+        let Some(base) = existing else {
+            return self.allocate_new(chunk, &req.exclude).await;
+        };
+        // A rewrite copies the existing piece, so it stays on the daemon holding it.
+        let node = {
+            let registry = lock(&self.registry);
+            registry.addr(base.node, Instant::now())
+        };
+        if !node.up || req.exclude.contains(&base.node) {
+            return Err(MetaError::fs(
+                ErrorKind::StorageUnavailable,
+                format!(
+                    "chunk {chunk} of inode {ino} is on storage daemon {node}, which is {}",
+                    if node.up { "unreachable from the client" } else { "down" }
+                ),
+            ));
+        }
+        let piece = self.next_piece_id().await?;
+        lock(&self.registry).note_pending(piece, base.node, 0, Instant::now());
+        Ok(Allocation {
+            chunk,
+            piece,
+            node,
+            base: Some(BasePiece {
+                piece: base.piece,
+                len: base.len,
+            }),
+        })
+    }
+
+    pub async fn commit_write(&self, req: CommitWrite) -> Result<Attr> {
+        let chunk_size = self.settings.chunk_size;
+        self.write(move |ctx| namespace::commit_write(ctx, req.ino, &req.pieces, req.min_size, chunk_size))
+            .await
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Cluster
+
+    pub async fn stat_fs(&self, _req: StatFs) -> Result<FsStats> {
+        let inodes = self
+            .read(|r| {
+                Ok(get_counter(&r.meta, keys::FILES)?
+                    + get_counter(&r.meta, keys::DIRECTORIES)?
+                    + get_counter(&r.meta, keys::SYMLINKS)?)
+            })
+            .await?;
+        let (capacity_bytes, free_bytes, used_bytes) = lock(&self.registry).totals(Instant::now());
+        Ok(FsStats {
+            capacity_bytes,
+            free_bytes,
+            used_bytes,
+            inodes,
+        })
+    }
+
+    pub async fn cluster_status(&self, _req: ClusterStatus) -> Result<ClusterReport> {
+        let (files, directories, symlinks, pending_deletes, orphaned_files) = self
+            .read(|r| {
+                Ok((
+                    get_counter(&r.meta, keys::FILES)?,
+                    get_counter(&r.meta, keys::DIRECTORIES)?,
+                    get_counter(&r.meta, keys::SYMLINKS)?,
+                    r.deletes.len()?,
+                    r.orphans.len()?,
+                ))
+            })
+            .await?;
+        Ok(ClusterReport {
+            nodes: lock(&self.registry).report(Instant::now()),
+            files,
+            directories,
+            symlinks,
+            chunk_size: self.settings.chunk_size,
+            pending_deletes,
+            orphaned_files,
+            sessions: lock(&self.sessions).len() as u64,
+        })
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Storage daemons
+
+    pub async fn register_node(&self, req: RegisterNode) -> Result<Registered> {
+        if let Err(e) = dfs_proto::certs::validate_name(&req.name) {
+            return Err(MetaError::fs(ErrorKind::InvalidArgument, e.to_string()));
+        }
+        let (name, addr) = (req.name.clone(), req.addr.clone());
+        let node = self
+            .write(move |ctx| namespace::register_node(ctx, &name, &addr))
+            .await?;
+        lock(&self.registry).registered(node, req.name.clone(), req.addr.clone(), req.usage, Instant::now());
+        lock(&self.inventories).remove(&node);
+        tracing::info!(
+            "storage daemon {} registered as node {node} at {} ({} pieces, {} bytes, {} bytes free)",
+            req.name,
+            req.addr,
+            req.usage.pieces,
+            req.usage.bytes,
+            req.usage.free_bytes
+        );
+        Ok(Registered {
+            node,
+            heartbeat_ms: (self.settings.heartbeat_timeout.as_millis() / 5).clamp(100, 1000) as u32,
+        })
+    }
+
+    pub async fn heartbeat(&self, req: Heartbeat) -> Result<HeartbeatReply> {
+        let node = req.node;
+        if !lock(&self.registry).heartbeat(node, req.usage, Instant::now()) {
+            return Err(MetaError::fs(
+                ErrorKind::Stale,
+                format!("node {node} is not registered"),
+            ));
+        }
+        if !req.deleted.is_empty() {
+            let deleted = req.deleted;
+            self.write(move |ctx| namespace::ack_deletes(ctx, node, &deleted))
+                .await?;
+        }
+        let (delete, more) = self
+            .read(move |r| {
+                let mut out = Vec::new();
+                let mut more = false;
+                for item in r.deletes.range((node, 0)..=(node, u64::MAX))? {
+                    if out.len() == DELETES_PER_HEARTBEAT {
+                        more = true;
+                        break;
+                    }
+                    out.push(item?.0.value().1);
+                }
+                Ok((out, more))
+            })
+            .await?;
+        Ok(HeartbeatReply { delete, more })
+    }
+
+    pub async fn inventory(&self, req: Inventory) -> Result<InventoryReply> {
+        let node = req.node;
+        let name = match lock(&self.registry).node(node) {
+            Some(n) => n.name.clone(),
+            None => {
+                return Err(MetaError::fs(
+                    ErrorKind::Stale,
+                    format!("node {node} is not registered"),
+                ));
+            }
+        };
+        let pieces = req.pieces;
+        let checked = self
+            .read(move |r| {
+                pieces
+                    .into_iter()
+                    .map(|p| {
+                        let known = r.node_pieces.get((node, p.piece))?.is_some();
+                        let queued = r.deletes.get((node, p.piece))?.is_some();
+                        Ok((p, known, queued))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .await?;
+        let grace = self.settings.orphan_piece_grace.as_secs();
+        let mut delete = Vec::new();
+        {
+            let registry = lock(&self.registry);
+            let mut inventories = lock(&self.inventories);
+            let seen = inventories.entry(node).or_default();
+            for (p, known, queued) in checked {
+                seen.insert(p.piece);
+                // Unreferenced and old enough that no client can still commit it.
+                if queued || (!known && !registry.is_pending(p.piece) && p.age_secs >= grace) {
+                    delete.push(p.piece);
+                }
+            }
+        }
+        if req.last {
+            let seen = lock(&self.inventories).remove(&node).unwrap_or_default();
+            let missing = self
+                .read(move |r| {
+                    let mut missing = Vec::new();
+                    for item in r.node_pieces.range((node, 0)..=(node, u64::MAX))? {
+                        let (key, value) = item?;
+                        let piece = key.value().1;
+                        if !seen.contains(&piece) {
+                            missing.push((piece, value.value().0));
+                        }
+                    }
+                    Ok(missing)
+                })
+                .await?;
+            if let Some((piece, ino)) = missing.first() {
+                tracing::error!(
+                    "storage daemon {name} (node {node}) lacks {} pieces it should hold, e.g. piece {piece} of inode {ino}: \
+                     reads of those files will fail",
+                    missing.len()
+                );
+            }
+        }
+        if !delete.is_empty() {
+            tracing::info!(
+                "storage daemon {name} holds {} unreferenced pieces: asking it to delete them",
+                delete.len()
+            );
+        }
+        Ok(InventoryReply { delete })
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Housekeeping
+
+    /// Expires sessions, logs daemons going up or down and reaps orphaned files no longer open.
+    pub async fn housekeeping(&self) {
+        let now = Instant::now();
+        for (id, client) in lock(&self.sessions).expire(now) {
+            tracing::warn!("session {id} of {client} expired: its open files are released");
+        }
+        {
+            let mut registry = lock(&self.registry);
+            registry.expire_pending(now, PENDING_MAX_AGE);
+            for (node, up, silent) in registry.transitions(now) {
+                if up {
+                    tracing::info!("storage daemon {node} is up");
+                } else {
+                    match silent {
+                        Some(d) => tracing::warn!(
+                            "storage daemon {node} is down: no heartbeat for {:.1}s",
+                            d.as_secs_f64()
+                        ),
+                        None => tracing::warn!("storage daemon {node} has not reported since the metaserver started"),
+                    }
+                }
+            }
+        }
+        // After a restart, mounts need one session timeout to re-declare their open files.
+        let in_grace = now.saturating_duration_since(self.started) < self.settings.session_timeout;
+        if !in_grace {
+            lock(&self.inherited_orphans).clear();
+        }
+        let orphans = self
+            .read(|r| {
+                let mut out = Vec::new();
+                for item in r.orphans.iter()?.take(1000) {
+                    out.push(item?.0.value());
+                }
+                Ok(out)
+            })
+            .await;
+        let orphans = match orphans {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!("cannot list orphaned files: {e}");
+                return;
+            }
+        };
+        let closed: Vec<Ino> = {
+            let sessions = lock(&self.sessions);
+            let inherited = lock(&self.inherited_orphans);
+            orphans
+                .into_iter()
+                .filter(|ino| !sessions.is_open(*ino) && !inherited.contains(ino))
+                .collect()
+        };
+        if closed.is_empty() {
+            return;
+        }
+        let n = closed.len();
+        let result = self
+            .write(move |ctx| {
+                for ino in closed {
+                    namespace::reap_orphan(ctx, ino)?;
+                }
+                Ok(())
+            })
+            .await;
+        match result {
+            Ok(()) => tracing::debug!("reaped {n} unlinked files"),
+            Err(e) => tracing::error!("cannot reap unlinked files: {e}"),
+        }
+    }
+
+    pub fn reaper_signal(&self) -> Arc<Notify> {
+        self.reaper.clone()
+    }
+}

@@ -1,0 +1,201 @@
+//! Mount sessions and the files they hold open.
+//!
+//! A file whose last link is removed while open stays (as an orphan) until no session has it
+//! open. Sessions are kept in memory: after a metaserver restart, mounts resume and re-declare
+//! their open files, and the reaper waits one session timeout before reaping anything.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dfs_proto::types::{Ino, SessionId};
+
+#[derive(Debug)]
+struct Session {
+    client: String,
+    last_seen: Instant,
+    opens: HashMap<Ino, u32>,
+}
+
+#[derive(Debug)]
+pub struct Sessions {
+    next_id: SessionId,
+    sessions: HashMap<SessionId, Session>,
+    open_counts: HashMap<Ino, u32>,
+    timeout: Duration,
+}
+
+impl Sessions {
+    pub fn new(timeout: Duration) -> Self {
+        // Ids from a previous run of the metaserver must not collide with new ones.
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1);
+        Sessions {
+            next_id: seed << 8,
+            sessions: HashMap::new(),
+            open_counts: HashMap::new(),
+            timeout,
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// Starts (or resumes) a session holding `open_files`.
+    pub fn open_session(
+        &mut self,
+        client: String,
+        resume: Option<SessionId>,
+        open_files: &[(Ino, u32)],
+        now: Instant,
+    ) -> SessionId {
+        let id = match resume {
+            Some(id) if self.sessions.contains_key(&id) => {
+                self.drop_session(id);
+                id
+            }
+            _ => {
+                self.next_id += 1;
+                self.next_id
+            }
+        };
+        let mut session = Session {
+            client,
+            last_seen: now,
+            opens: HashMap::new(),
+        };
+        for &(ino, n) in open_files {
+            if n > 0 {
+                *session.opens.entry(ino).or_default() += n;
+                *self.open_counts.entry(ino).or_default() += n;
+            }
+        }
+        self.sessions.insert(id, session);
+        id
+    }
+
+    fn drop_session(&mut self, id: SessionId) -> Option<Session> {
+        let session = self.sessions.remove(&id)?;
+        for (ino, n) in &session.opens {
+            if let Some(c) = self.open_counts.get_mut(ino) {
+                *c = c.saturating_sub(*n);
+                if *c == 0 {
+                    self.open_counts.remove(ino);
+                }
+            }
+        }
+        Some(session)
+    }
+
+    pub fn renew(&mut self, id: SessionId, now: Instant) -> bool {
+        match self.sessions.get_mut(&id) {
+            Some(s) => {
+                s.last_seen = now;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Registers an open; false if the session is unknown.
+    pub fn open(&mut self, id: SessionId, ino: Ino, now: Instant) -> bool {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return false;
+        };
+        s.last_seen = now;
+        *s.opens.entry(ino).or_default() += 1;
+        *self.open_counts.entry(ino).or_default() += 1;
+        true
+    }
+
+    /// Drops one open; true if that was the last open of `ino` anywhere.
+    pub fn release(&mut self, id: SessionId, ino: Ino, now: Instant) -> bool {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return false;
+        };
+        s.last_seen = now;
+        match s.opens.get_mut(&ino) {
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                s.opens.remove(&ino);
+            }
+            None => return false,
+        }
+        match self.open_counts.get_mut(&ino) {
+            Some(c) if *c > 1 => {
+                *c -= 1;
+                false
+            }
+            Some(_) => {
+                self.open_counts.remove(&ino);
+                true
+            }
+            None => true,
+        }
+    }
+
+    pub fn is_open(&self, ino: Ino) -> bool {
+        self.open_counts.contains_key(&ino)
+    }
+
+    /// Ends sessions not renewed within the timeout; returns (id, client) of each.
+    pub fn expire(&mut self, now: Instant) -> Vec<(SessionId, String)> {
+        let timeout = self.timeout;
+        let dead: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| now.saturating_duration_since(s.last_seen) > timeout)
+            .map(|(&id, _)| id)
+            .collect();
+        dead.into_iter()
+            .filter_map(|id| self.drop_session(id).map(|s| (id, s.client)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_are_counted_across_sessions() {
+        let now = Instant::now();
+        let mut s = Sessions::new(Duration::from_secs(10));
+        let a = s.open_session("a".into(), None, &[], now);
+        let b = s.open_session("b".into(), None, &[], now);
+        assert!(s.open(a, 7, now));
+        assert!(s.open(b, 7, now));
+        assert!(!s.release(a, 7, now));
+        assert!(s.is_open(7));
+        assert!(s.release(b, 7, now));
+        assert!(!s.is_open(7));
+        assert!(!s.open(12345, 7, now));
+    }
+
+    #[test]
+    fn expiry_releases_opens_and_resume_restores_them() {
+        let now = Instant::now();
+        let mut s = Sessions::new(Duration::from_secs(10));
+        let a = s.open_session("a".into(), None, &[], now);
+        s.open(a, 1, now);
+        let later = now + Duration::from_secs(11);
+        assert_eq!(s.expire(later).len(), 1);
+        assert!(!s.is_open(1));
+        let a2 = s.open_session("a".into(), Some(a), &[(1, 2)], later);
+        assert_ne!(a, a2, "an expired session is not resumed");
+        assert!(s.is_open(1));
+        let a3 = s.open_session("a".into(), Some(a2), &[(1, 1)], later);
+        assert_eq!(a2, a3);
+        assert!(!s.release(a3, 1, later) || !s.is_open(1));
+    }
+}

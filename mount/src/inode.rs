@@ -1,0 +1,188 @@
+//! What this mount knows and holds for one open inode: its size, the locations of its chunks,
+//! and the writes not yet committed.
+//!
+//! Writes are write-behind: each chunk being written has a stream to its storage daemon fed
+//! through a bounded queue, so `write()` returns once the data is queued. `flush` (every close,
+//! fsync) ends the streams, waits for each daemon to report its piece durable, then commits the
+//! new pieces to the metaserver; only then does close() return. Until the commit, readers of
+//! the file (anywhere) see its previous version: a rewritten chunk is a new piece, copied on
+//! write, never an in-place change.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use dfs_proto::meta::{Allocation, CHUNK_WINDOW, ChunkLocation, WrittenPiece};
+use dfs_proto::types::Ino;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::error::{FsError, FsResult};
+
+/// Chunks one inode may stream at once (random writers touch several).
+pub const MAX_OPEN_CHUNKS: usize = 4;
+/// Finished chunk streams awaiting their durable acknowledgement before new ones wait.
+pub const MAX_CLOSING_CHUNKS: usize = 8;
+/// Uncommitted pieces after which a commit happens without waiting for close.
+pub const COMMIT_EVERY: usize = 32;
+/// Segments queued per chunk stream (each up to one FUSE write, 1 MiB).
+pub const SEGMENT_QUEUE: usize = 4;
+
+pub type Segment = (u64, Bytes);
+
+pub struct OpenChunk {
+    pub alloc: Allocation,
+    pub tx: mpsc::Sender<Segment>,
+    pub task: JoinHandle<FsResult<u64>>,
+    pub last_use: u64,
+}
+
+pub struct ClosingChunk {
+    pub alloc: Allocation,
+    pub task: JoinHandle<FsResult<u64>>,
+}
+
+#[derive(Default)]
+pub struct Writer {
+    pub open: BTreeMap<u64, OpenChunk>,
+    pub closing: Vec<ClosingChunk>,
+    /// Durable pieces not yet committed.
+    pub done: Vec<WrittenPiece>,
+    /// End of the furthest write since the last commit.
+    pub end: u64,
+    pub dirty: bool,
+    /// First failure since the last flush; reported by the next write or flush.
+    pub error: Option<FsError>,
+    /// A piece the metaserver set aside for chunk 0 when it created the file.
+    pub first_piece: Option<Allocation>,
+    pub clock: u64,
+}
+
+impl Writer {
+    /// Moves an open chunk to the closing list (its stream ends once its queue drains).
+    pub fn close_chunk(&mut self, chunk: u64) {
+        if let Some(oc) = self.open.remove(&chunk) {
+            drop(oc.tx);
+            self.closing.push(ClosingChunk {
+                alloc: oc.alloc,
+                task: oc.task,
+            });
+        }
+    }
+
+    /// The open chunk used least recently.
+    pub fn least_recent(&self) -> Option<u64> {
+        self.open.iter().min_by_key(|(_, oc)| oc.last_use).map(|(&c, _)| c)
+    }
+
+    /// Waits for one closing chunk and records its outcome.
+    pub async fn settle(&mut self, c: ClosingChunk) {
+        let outcome = match c.task.await {
+            Ok(r) => r,
+            Err(e) => Err(FsError::io(format!("piece {} writer task failed: {e}", c.alloc.piece))),
+        };
+        match outcome {
+            Ok(len) => self.done.push(WrittenPiece {
+                chunk: c.alloc.chunk,
+                piece: c.alloc.piece,
+                node: c.alloc.node.id,
+                len,
+            }),
+            Err(e) => {
+                self.error.get_or_insert(e);
+            }
+        }
+    }
+
+    /// Ends every stream and waits until each piece is durable (or failed).
+    pub async fn settle_all(&mut self) {
+        let open: Vec<u64> = self.open.keys().copied().collect();
+        for chunk in open {
+            self.close_chunk(chunk);
+        }
+        for c in std::mem::take(&mut self.closing) {
+            self.settle(c).await;
+        }
+    }
+}
+
+/// The cached part of an inode: size and chunk locations.
+#[derive(Default)]
+pub struct Cached {
+    pub size: u64,
+    pub chunks: HashMap<u64, ChunkLocation>,
+    /// Windows (chunk index / CHUNK_WINDOW) whose locations are all in `chunks`.
+    pub windows: HashSet<u64>,
+}
+
+impl Cached {
+    pub fn reset(&mut self, size: u64, first_window: Vec<ChunkLocation>) {
+        self.size = size;
+        self.chunks = first_window.into_iter().map(|c| (c.chunk, c)).collect();
+        self.windows.clear();
+        self.windows.insert(0);
+    }
+
+    pub fn invalidate(&mut self) {
+        self.chunks.clear();
+        self.windows.clear();
+    }
+
+    pub fn fill(&mut self, window: u64, chunks: Vec<ChunkLocation>) {
+        let first = window * CHUNK_WINDOW as u64;
+        self.chunks
+            .retain(|&c, _| c < first || c >= first + CHUNK_WINDOW as u64);
+        for c in chunks {
+            self.chunks.insert(c.chunk, c);
+        }
+        self.windows.insert(window);
+    }
+}
+
+pub struct InodeState {
+    pub ino: Ino,
+    /// Handles open on this inode through this mount.
+    pub handles: AtomicU32,
+    /// Quick view of uncommitted growth for getattr, without taking the lock.
+    dirty: AtomicBool,
+    dirty_end: AtomicU64,
+    pub cache: tokio::sync::Mutex<Cached>,
+    pub writer: tokio::sync::Mutex<Writer>,
+}
+
+impl InodeState {
+    pub fn new(ino: Ino) -> Self {
+        InodeState {
+            ino,
+            handles: AtomicU32::new(0),
+            dirty: AtomicBool::new(false),
+            dirty_end: AtomicU64::new(0),
+            cache: tokio::sync::Mutex::new(Cached::default()),
+            writer: tokio::sync::Mutex::new(Writer::default()),
+        }
+    }
+
+    pub fn mark_dirty(&self, end: u64) {
+        self.dirty_end.fetch_max(end, Ordering::AcqRel);
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    pub fn mark_clean(&self) {
+        self.dirty.store(false, Ordering::Release);
+        self.dirty_end.store(0, Ordering::Release);
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::Acquire)
+    }
+
+    /// The size an application should see: what the metaserver says, or more if this mount
+    /// has written past it and not committed yet.
+    pub fn visible_size(&self, committed: u64) -> u64 {
+        if self.is_dirty() {
+            committed.max(self.dirty_end.load(Ordering::Acquire))
+        } else {
+            committed
+        }
+    }
+}

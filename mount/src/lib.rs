@@ -1,0 +1,10 @@
+//! dfs-mount: the cluster as a POSIX file system through FUSE. Metadata goes to the
+//! metaserver, file bytes straight to and from the storage daemons.
+
+pub mod dir;
+pub mod error;
+pub mod fuse;
+pub mod inode;
+pub mod meta_client;
+pub mod ops;
+pub mod storage_pool;

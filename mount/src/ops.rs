@@ -1,0 +1,626 @@
+//! File operations as async functions over the metaserver and storage clients. The FUSE layer
+//! (`fuse.rs`) only copies arguments, runs these on tokio and replies.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dfs_proto::ErrorKind;
+use dfs_proto::meta::*;
+use dfs_proto::types::{Attr, FileKind, Ino};
+use tokio::sync::mpsc;
+
+use crate::dir::DirHandle;
+use crate::error::{FsError, FsResult};
+use crate::inode::{COMMIT_EVERY, InodeState, MAX_CLOSING_CHUNKS, MAX_OPEN_CHUNKS, OpenChunk, SEGMENT_QUEUE, Writer};
+use crate::meta_client::MetaClient;
+use crate::storage_pool::{PieceStream, StoragePool};
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// One metadata request, or one read from a storage daemon.
+    pub request: Duration,
+    /// One step of a data transfer (a queued segment accepted, a piece made durable).
+    pub data: Duration,
+    pub connect: Duration,
+}
+
+pub struct Mount {
+    pub meta: Arc<MetaClient>,
+    pub storage: StoragePool,
+    pub chunk_size: u64,
+    pub timeouts: Timeouts,
+    inodes: Mutex<HashMap<Ino, Arc<InodeState>>>,
+    files: Mutex<HashMap<u64, Ino>>,
+    dirs: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<DirHandle>>>>,
+    next_handle: AtomicU64,
+}
+
+/// What `open`/`create` hand back to the kernel.
+pub struct OpenedFile {
+    pub fh: u64,
+    pub attr: Attr,
+}
+
+fn storage_down(ino: Ino, loc: &ChunkLocation) -> FsError {
+    FsError::io(format!(
+        "inode {ino}: chunk {} (piece {}) is on storage daemon {}, which is down",
+        loc.chunk, loc.piece, loc.node
+    ))
+}
+
+impl Mount {
+    pub fn new(meta: Arc<MetaClient>, storage: StoragePool, chunk_size: u64, timeouts: Timeouts) -> Self {
+        Mount {
+            meta,
+            storage,
+            chunk_size,
+            timeouts,
+            inodes: Mutex::new(HashMap::new()),
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+        }
+    }
+
+    fn state(&self, ino: Ino) -> Option<Arc<InodeState>> {
+        self.inodes.lock().expect("inodes").get(&ino).cloned()
+    }
+
+    fn state_or_new(&self, ino: Ino) -> Arc<InodeState> {
+        self.inodes
+            .lock()
+            .expect("inodes")
+            .entry(ino)
+            .or_insert_with(|| Arc::new(InodeState::new(ino)))
+            .clone()
+    }
+
+    /// Attributes as this mount should report them (uncommitted growth included).
+    fn visible(&self, mut attr: Attr) -> Attr {
+        if let Some(state) = self.state(attr.ino) {
+            attr.size = state.visible_size(attr.size);
+        }
+        attr
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Metadata
+
+    pub async fn lookup(&self, parent: Ino, name: Vec<u8>) -> FsResult<Attr> {
+        check_name(&name)?;
+        Ok(self.visible(self.meta.call(Lookup { parent, name }).await?))
+    }
+
+    pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
+        Ok(self.visible(self.meta.call(GetAttr { ino }).await?))
+    }
+
+    pub async fn setattr(&self, req: SetAttr) -> FsResult<Attr> {
+        let ino = req.ino;
+        let state = self.state(ino);
+        if let Some(state) = &state {
+            // Queued writes land first, so a truncate or utimens applies after them.
+            self.flush_inode(state).await?;
+        }
+        let truncates = req.size.is_some();
+        let attr = self.meta.call(req).await?;
+        if let Some(state) = state
+            && truncates
+        {
+            let mut cache = state.cache.lock().await;
+            cache.size = attr.size;
+            cache.invalidate();
+        }
+        Ok(self.visible(attr))
+    }
+
+    pub async fn make_node(&self, req: MakeNode) -> FsResult<Attr> {
+        check_name(&req.name)?;
+        Ok(self.meta.call(req).await?)
+    }
+
+    pub async fn unlink(&self, parent: Ino, name: Vec<u8>) -> FsResult<()> {
+        check_name(&name)?;
+        Ok(self.meta.call(Unlink { parent, name }).await?)
+    }
+
+    pub async fn rmdir(&self, parent: Ino, name: Vec<u8>) -> FsResult<()> {
+        check_name(&name)?;
+        Ok(self.meta.call(RemoveDir { parent, name }).await?)
+    }
+
+    pub async fn rename(&self, req: Rename) -> FsResult<()> {
+        check_name(&req.name)?;
+        check_name(&req.new_name)?;
+        Ok(self.meta.call(req).await?)
+    }
+
+    pub async fn link(&self, ino: Ino, new_parent: Ino, new_name: Vec<u8>) -> FsResult<Attr> {
+        check_name(&new_name)?;
+        Ok(self.visible(
+            self.meta
+                .call(Link {
+                    ino,
+                    new_parent,
+                    new_name,
+                })
+                .await?,
+        ))
+    }
+
+    pub async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        Ok(self.meta.call(ReadLink { ino }).await?)
+    }
+
+    pub async fn statfs(&self) -> FsResult<FsStats> {
+        Ok(self.meta.call(StatFs {}).await?)
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Open files
+
+    fn new_handle(&self, ino: Ino, state: &InodeState) -> u64 {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        state.handles.fetch_add(1, Ordering::AcqRel);
+        self.files.lock().expect("files").insert(fh, ino);
+        self.meta.note_open(ino);
+        fh
+    }
+
+    pub async fn create(
+        &self,
+        parent: Ino,
+        name: Vec<u8>,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+    ) -> FsResult<OpenedFile> {
+        check_name(&name)?;
+        let created = self
+            .meta
+            .call_in_session(|session| Create {
+                parent,
+                name: name.clone(),
+                perm,
+                uid,
+                gid,
+                exclusive,
+                session,
+            })
+            .await
+            .map_err(|e| {
+                let e = FsError::from(e);
+                if e.kind_is(ErrorKind::NoSpace) {
+                    tracing::warn!(
+                        "cannot create {:?} in directory {parent}: {}",
+                        String::from_utf8_lossy(&name),
+                        e
+                    );
+                }
+                e
+            })?;
+        let attr = created.attr;
+        let state = self.state_or_new(attr.ino);
+        {
+            let mut cache = state.cache.lock().await;
+            if created.created {
+                cache.reset(attr.size, vec![]);
+            } else {
+                cache.size = state.visible_size(attr.size);
+                cache.invalidate();
+            }
+        }
+        if let Some(first) = created.first_piece {
+            state.writer.lock().await.first_piece = Some(first);
+        }
+        let fh = self.new_handle(attr.ino, &state);
+        Ok(OpenedFile {
+            fh,
+            attr: self.visible(attr),
+        })
+    }
+
+    pub async fn open(&self, ino: Ino) -> FsResult<OpenedFile> {
+        let opened = self.meta.call_in_session(|session| Open { ino, session }).await?;
+        let state = self.state_or_new(ino);
+        {
+            // Close-to-open: every open sees the file as last committed anywhere.
+            let mut cache = state.cache.lock().await;
+            let size = state.visible_size(opened.attr.size);
+            cache.reset(size, opened.chunks);
+        }
+        let fh = self.new_handle(ino, &state);
+        Ok(OpenedFile {
+            fh,
+            attr: self.visible(opened.attr),
+        })
+    }
+
+    pub async fn release(&self, fh: u64) -> FsResult<()> {
+        let Some(ino) = self.files.lock().expect("files").remove(&fh) else {
+            return Ok(());
+        };
+        let Some(state) = self.state(ino) else {
+            self.meta.release(ino).await;
+            return Ok(());
+        };
+        let result = if state.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let r = self.flush_inode(&state).await;
+            if let Err(e) = &r {
+                tracing::error!("inode {ino}: data written before the last close was not committed: {e}");
+            }
+            let mut inodes = self.inodes.lock().expect("inodes");
+            if state.handles.load(Ordering::Acquire) == 0 && !state.is_dirty() {
+                inodes.remove(&ino);
+            }
+            r
+        } else {
+            Ok(())
+        };
+        self.meta.release(ino).await;
+        result
+    }
+
+    /// Makes everything written to `ino` durable and visible (close, fsync).
+    pub async fn flush(&self, ino: Ino) -> FsResult<()> {
+        match self.state(ino) {
+            Some(state) => self.flush_inode(&state).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn flush_inode(&self, state: &InodeState) -> FsResult<()> {
+        let mut writer = state.writer.lock().await;
+        self.commit(state, &mut writer).await
+    }
+
+    /// Waits for every piece being written to be durable, then commits them.
+    async fn commit(&self, state: &InodeState, w: &mut Writer) -> FsResult<()> {
+        w.settle_all().await;
+        let failure = w.error.take();
+        if w.dirty {
+            let pieces = std::mem::take(&mut w.done);
+            let request = CommitWrite {
+                ino: state.ino,
+                pieces: pieces.clone(),
+                min_size: w.end,
+            };
+            match self.meta.call(request).await {
+                Ok(attr) => {
+                    w.dirty = false;
+                    w.end = 0;
+                    state.mark_clean();
+                    let mut cache = state.cache.lock().await;
+                    cache.size = attr.size;
+                    cache.invalidate();
+                }
+                Err(e) => {
+                    // Durable pieces stay queued: the next flush commits them again.
+                    w.done = pieces;
+                    let e = FsError::from(e);
+                    tracing::warn!("inode {}: cannot commit written data: {e}", state.ino);
+                    return Err(failure.unwrap_or(e));
+                }
+            }
+        }
+        match failure {
+            Some(e) => {
+                tracing::warn!("inode {}: write failed: {e}", state.ino);
+                Err(e)
+            }
+            None => Ok(()),
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Writing
+
+    pub async fn write(&self, ino: Ino, offset: u64, data: Bytes) -> FsResult<u32> {
+        let state = self.state_or_new(ino);
+        let mut w = state.writer.lock().await;
+        if let Some(e) = w.error.clone() {
+            return Err(e);
+        }
+        let len = data.len();
+        let mut pos = 0usize;
+        while pos < len {
+            let at = offset + pos as u64;
+            let chunk = at / self.chunk_size;
+            let within = at % self.chunk_size;
+            let n = (len - pos).min((self.chunk_size - within) as usize);
+            if let Err(e) = self
+                .write_segment(&state, &mut w, chunk, within, data.slice(pos..pos + n))
+                .await
+            {
+                w.error.get_or_insert(e.clone());
+                return Err(e);
+            }
+            pos += n;
+            w.dirty = true;
+            w.end = w.end.max(at + n as u64);
+            state.mark_dirty(at + n as u64);
+        }
+        if w.done.len() >= COMMIT_EVERY {
+            // Long writes commit as they go, so the metaserver's view and memory stay bounded.
+            let done = std::mem::take(&mut w.done);
+            let request = CommitWrite {
+                ino,
+                pieces: done.clone(),
+                min_size: 0,
+            };
+            match self.meta.call(request).await {
+                Ok(_) => state.cache.lock().await.invalidate(),
+                Err(e) => {
+                    tracing::debug!("inode {ino}: intermediate commit deferred: {e}");
+                    w.done = done;
+                }
+            }
+        }
+        Ok(len as u32)
+    }
+
+    async fn write_segment(
+        &self,
+        state: &InodeState,
+        w: &mut Writer,
+        chunk: u64,
+        within: u64,
+        data: Bytes,
+    ) -> FsResult<()> {
+        if !w.open.contains_key(&chunk) {
+            self.open_chunk(state, w, chunk).await?;
+        }
+        w.clock += 1;
+        let clock = w.clock;
+        let oc = w.open.get_mut(&chunk).expect("chunk just opened");
+        oc.last_use = clock;
+        if oc.tx.send((within, data)).await.is_ok() {
+            return Ok(());
+        }
+        // The stream task ended early: its result says why.
+        let oc = w.open.remove(&chunk).expect("chunk present");
+        Err(match oc.task.await {
+            Ok(Err(e)) => e,
+            _ => FsError::io(format!(
+                "inode {}: stream for piece {} ended unexpectedly",
+                state.ino, oc.alloc.piece
+            )),
+        })
+    }
+
+    async fn allocate(&self, ino: Ino, chunk: u64, exclude: Vec<u32>) -> FsResult<Allocation> {
+        self.meta
+            .call(AllocatePiece { ino, chunk, exclude })
+            .await
+            .map_err(|e| {
+                let e = FsError::from(e);
+                tracing::warn!("inode {ino}: no place for chunk {chunk}: {e}");
+                e
+            })
+    }
+
+    async fn open_chunk(&self, state: &InodeState, w: &mut Writer, chunk: u64) -> FsResult<()> {
+        let ino = state.ino;
+        if w.open.len() >= MAX_OPEN_CHUNKS
+            && let Some(victim) = w.least_recent()
+        {
+            w.close_chunk(victim);
+        }
+        while w.closing.len() > MAX_CLOSING_CHUNKS {
+            let c = w.closing.remove(0);
+            w.settle(c).await;
+        }
+        let mut alloc = match w.first_piece.take() {
+            Some(a) if chunk == 0 => a,
+            other => {
+                w.first_piece = other;
+                self.allocate(ino, chunk, vec![]).await?
+            }
+        };
+        let mut exclude = Vec::new();
+        let stream = loop {
+            match self
+                .storage
+                .start_piece(&alloc.node, alloc.piece, alloc.base, self.timeouts.connect)
+                .await
+            {
+                Ok(s) => break s,
+                Err(e) if e.is_unavailable() && alloc.base.is_none() && exclude.len() < 3 => {
+                    tracing::warn!("inode {ino}: {e}; placing chunk {chunk} elsewhere");
+                    exclude.push(alloc.node.id);
+                    alloc = self.allocate(ino, chunk, exclude.clone()).await?;
+                }
+                Err(e) => {
+                    let e = FsError::from(e);
+                    tracing::warn!("inode {ino}: cannot write chunk {chunk}: {e}");
+                    return Err(e);
+                }
+            }
+        };
+        let (tx, rx) = mpsc::channel(SEGMENT_QUEUE);
+        let task = tokio::spawn(stream_segments(stream, rx, self.timeouts.data));
+        w.open.insert(
+            chunk,
+            OpenChunk {
+                alloc,
+                tx,
+                task,
+                last_use: w.clock,
+            },
+        );
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Reading
+
+    /// Locations of chunks `first..=last` and the file size, fetching what is not cached.
+    async fn locate(
+        &self,
+        state: &InodeState,
+        first: u64,
+        last: u64,
+        want_end: u64,
+    ) -> FsResult<(u64, Vec<Option<ChunkLocation>>)> {
+        let mut cache = state.cache.lock().await;
+        let window = CHUNK_WINDOW as u64;
+        // A read past the known end may be of data another mount appended: look again.
+        let mut refresh_size = want_end > cache.size;
+        for w in first / window..=last / window {
+            if cache.windows.contains(&w) && !refresh_size {
+                continue;
+            }
+            let reply = self
+                .meta
+                .call(ChunkMap {
+                    ino: state.ino,
+                    first: w * window,
+                    count: CHUNK_WINDOW,
+                })
+                .await?;
+            cache.size = state.visible_size(reply.attr.size);
+            cache.fill(w, reply.chunks);
+            refresh_size = false;
+        }
+        let locations = (first..=last).map(|c| cache.chunks.get(&c).cloned()).collect();
+        Ok((cache.size, locations))
+    }
+
+    pub async fn read(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let state = self.state_or_new(ino);
+        if state.is_dirty() {
+            // Reads see this mount's own writes: commit them first.
+            self.flush_inode(&state).await?;
+        }
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let cs = self.chunk_size;
+        let want_end = offset.saturating_add(size as u64);
+        let (first, last) = (offset / cs, (want_end - 1) / cs);
+        let (file_size, locations) = self.locate(&state, first, last, want_end).await?;
+        let end = want_end.min(file_size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; (end - offset) as usize];
+        for (i, loc) in locations.iter().enumerate() {
+            let chunk = first + i as u64;
+            let chunk_start = chunk * cs;
+            let a = offset.max(chunk_start);
+            let b = end.min(chunk_start + cs);
+            let Some(loc) = loc else { continue }; // a hole: zeros
+            let valid_end = b.min(chunk_start + loc.len);
+            if a >= valid_end {
+                continue;
+            }
+            if !loc.node.up {
+                state.cache.lock().await.invalidate();
+                return Err(storage_down(ino, loc));
+            }
+            let dst = &mut buf[(a - offset) as usize..(valid_end - offset) as usize];
+            let got = match self
+                .storage
+                .read(&loc.node, loc.piece, a - chunk_start, dst, self.timeouts.request)
+                .await
+            {
+                Ok(n) => n,
+                Err(e) => {
+                    // Next time, ask the metaserver where (and whether) the data lives.
+                    state.cache.lock().await.invalidate();
+                    let e = FsError::new(e.errno, format!("inode {ino}: {}", e.message));
+                    return Err(e);
+                }
+            };
+            if got < dst.len() {
+                tracing::warn!(
+                    "inode {ino}: piece {} on {} is shorter than recorded ({} of {} bytes); the rest reads as zeros",
+                    loc.piece,
+                    loc.node,
+                    got,
+                    dst.len()
+                );
+            }
+        }
+        Ok(buf)
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Directories
+
+    pub async fn opendir(&self, ino: Ino) -> FsResult<u64> {
+        let attr = self.meta.call(GetAttr { ino }).await?;
+        if attr.kind != FileKind::Directory {
+            return Err(FsError::new(libc::ENOTDIR, format!("inode {ino} is not a directory")));
+        }
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.dirs
+            .lock()
+            .expect("dirs")
+            .insert(fh, Arc::new(tokio::sync::Mutex::new(DirHandle::new(attr))));
+        Ok(fh)
+    }
+
+    pub fn dir_handle(&self, fh: u64) -> FsResult<Arc<tokio::sync::Mutex<DirHandle>>> {
+        self.dirs
+            .lock()
+            .expect("dirs")
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| FsError::new(libc::EBADF, format!("no directory handle {fh}")))
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.lock().expect("dirs").remove(&fh);
+    }
+
+    /// Fetches the next page of a directory listing into its handle.
+    pub async fn fetch_dir_page(&self, handle: &mut DirHandle) -> FsResult<()> {
+        let page = self
+            .meta
+            .call(ReadDir {
+                dir: handle.dir.ino,
+                after: handle.cursor.clone(),
+                limit: crate::dir::PAGE,
+            })
+            .await?;
+        let entries = page.entries.into_iter().map(|mut e| {
+            e.attr = self.visible(e.attr);
+            e
+        });
+        handle.append(entries.collect(), page.more);
+        Ok(())
+    }
+
+    /// Commits everything still uncommitted (at unmount).
+    pub async fn flush_all(&self) {
+        let states: Vec<Arc<InodeState>> = self.inodes.lock().expect("inodes").values().cloned().collect();
+        for state in states {
+            if state.is_dirty()
+                && let Err(e) = self.flush_inode(&state).await
+            {
+                tracing::error!("inode {}: uncommitted data lost at unmount: {e}", state.ino);
+            }
+        }
+    }
+}
+
+/// Feeds queued segments into a piece stream, then waits for the piece to be durable.
+async fn stream_segments(
+    mut stream: PieceStream,
+    mut rx: mpsc::Receiver<(u64, Bytes)>,
+    timeout: Duration,
+) -> FsResult<u64> {
+    while let Some((offset, data)) = rx.recv().await {
+        stream.send_segment(offset, data, timeout).await?;
+    }
+    stream.finish(timeout).await
+}
+
+fn check_name(name: &[u8]) -> FsResult<()> {
+    dfs_proto::names::validate_name(name).map_err(FsError::from)
+}

@@ -1,0 +1,192 @@
+//! Connections to storage daemons (one QUIC connection per daemon, a stream per request), and
+//! the two data operations: read a byte range of a piece, stream a new piece.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dfs_proto::frame;
+use dfs_proto::meta::BasePiece;
+use dfs_proto::storage::{PieceWritten, ReadPiece, ReadReply, SegmentHeader, WritePiece};
+use dfs_proto::types::{NodeAddr, NodeId, PieceId};
+use dfs_proto::{Call, Peer, RemoteError, RpcError};
+use quinn::{Endpoint, RecvStream, SendStream};
+
+use crate::error::{FsError, FsResult};
+
+pub struct StoragePool {
+    endpoint: Endpoint,
+    connect_timeout: Duration,
+    peers: Mutex<HashMap<NodeId, Arc<Peer>>>,
+}
+
+impl StoragePool {
+    pub fn new(endpoint: Endpoint, connect_timeout: Duration) -> Self {
+        StoragePool {
+            endpoint,
+            connect_timeout,
+            peers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn peer(&self, node: &NodeAddr) -> Arc<Peer> {
+        let mut peers = self.peers.lock().expect("peers");
+        match peers.get(&node.id) {
+            Some(p) if p.addr() == node.addr && p.name() == node.name => p.clone(),
+            _ => {
+                let p = Arc::new(Peer::new(
+                    self.endpoint.clone(),
+                    node.addr.clone(),
+                    node.name.clone(),
+                    self.connect_timeout,
+                ));
+                peers.insert(node.id, p.clone());
+                p
+            }
+        }
+    }
+
+    /// Reads `buf.len()` bytes of `piece` at `offset` from `node`; returns how many it holds there.
+    pub async fn read(
+        &self,
+        node: &NodeAddr,
+        piece: PieceId,
+        offset: u64,
+        buf: &mut [u8],
+        timeout: Duration,
+    ) -> FsResult<usize> {
+        let peer = self.peer(node);
+        let failed = |e: RpcError| FsError::from(e).with_context(format!("reading piece {piece}"));
+        let exchange = async {
+            let (conn, mut send, mut recv) = peer.open_stream(ReadPiece::NAME, timeout).await.map_err(failed)?;
+            let request = ReadPiece {
+                piece,
+                offset,
+                len: buf.len() as u32,
+            };
+            let result = async {
+                frame::write_frame(&mut send, &request.into_envelope())
+                    .await
+                    .map_err(|e| peer.frame_error(ReadPiece::NAME, e))?;
+                let _ = send.finish();
+                let reply: Result<ReadReply, RemoteError> = frame::read_frame(&mut recv)
+                    .await
+                    .map_err(|e| peer.frame_error(ReadPiece::NAME, e))?;
+                let n = reply.map_err(|e| peer.remote(e))?.len as usize;
+                if n > buf.len() {
+                    return Err(
+                        peer.transport(ReadPiece::NAME, format!("sent {n} bytes for a {}-byte read", buf.len()))
+                    );
+                }
+                recv.read_exact(&mut buf[..n])
+                    .await
+                    .map_err(|e| peer.transport(ReadPiece::NAME, format!("read of piece {piece} cut short: {e}")))?;
+                Ok(n)
+            }
+            .await;
+            if result.as_ref().is_err_and(|e| e.is_unavailable()) {
+                peer.forget(&conn).await;
+            }
+            result.map_err(failed)
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(FsError::io(format!(
+                "storage daemon {} did not answer a read of piece {piece} within {timeout:?}",
+                peer
+            ))),
+        }
+    }
+
+    /// Opens a stream that will carry a new piece to `node`.
+    pub async fn start_piece(
+        &self,
+        node: &NodeAddr,
+        piece: PieceId,
+        base: Option<BasePiece>,
+        timeout: Duration,
+    ) -> Result<PieceStream, RpcError> {
+        let peer = self.peer(node);
+        let (_conn, mut send, recv) = peer.open_stream(WritePiece::NAME, timeout).await?;
+        let header = WritePiece { piece, base };
+        match tokio::time::timeout(timeout, frame::write_frame(&mut send, &header.into_envelope())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(peer.frame_error(WritePiece::NAME, e)),
+            Err(_) => {
+                return Err(RpcError::Timeout {
+                    peer: peer.to_string(),
+                    call: WritePiece::NAME,
+                    timeout,
+                });
+            }
+        }
+        Ok(PieceStream {
+            peer,
+            piece,
+            send,
+            recv,
+        })
+    }
+}
+
+impl FsError {
+    fn with_context(mut self, what: String) -> Self {
+        self.message = format!("{what}: {}", self.message);
+        self
+    }
+}
+
+/// A piece being streamed to its daemon: segments, then `finish` for the durable acknowledgement.
+pub struct PieceStream {
+    peer: Arc<Peer>,
+    piece: PieceId,
+    send: SendStream,
+    recv: RecvStream,
+}
+
+impl PieceStream {
+    pub async fn send_segment(&mut self, offset: u64, data: Bytes, timeout: Duration) -> FsResult<()> {
+        let header = SegmentHeader {
+            offset,
+            len: data.len() as u32,
+        };
+        let piece = self.piece;
+        let io = async {
+            self.send.write_all(&header.encode()).await?;
+            self.send.write_chunk(data).await
+        };
+        match tokio::time::timeout(timeout, io).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(FsError::io(format!(
+                "storage daemon {}: writing piece {piece} failed: {e}",
+                self.peer
+            ))),
+            Err(_) => Err(FsError::io(format!(
+                "storage daemon {} accepted no data for piece {piece} within {timeout:?}",
+                self.peer
+            ))),
+        }
+    }
+
+    /// Ends the piece and waits until the daemon reports it durable; returns its length.
+    pub async fn finish(mut self, timeout: Duration) -> FsResult<u64> {
+        let piece = self.piece;
+        let _ = self.send.finish();
+        let reply = tokio::time::timeout(
+            timeout,
+            frame::read_frame::<_, Result<PieceWritten, RemoteError>>(&mut self.recv),
+        )
+        .await;
+        match reply {
+            Ok(Ok(Ok(w))) => Ok(w.len),
+            Ok(Ok(Err(e))) => Err(FsError::from(self.peer.remote(e)).with_context(format!("storing piece {piece}"))),
+            Ok(Err(e)) => Err(FsError::from(self.peer.frame_error(WritePiece::NAME, e))
+                .with_context(format!("storing piece {piece}"))),
+            Err(_) => Err(FsError::io(format!(
+                "storage daemon {} did not confirm piece {piece} durable within {timeout:?}",
+                self.peer
+            ))),
+        }
+    }
+}

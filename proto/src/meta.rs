@@ -1,0 +1,372 @@
+//! Requests served by the metaserver: namespace, placement, sessions, storage daemon registry.
+
+use serde::{Deserialize, Serialize};
+
+use crate::call::service;
+use crate::types::{Attr, FileKind, Ino, NodeAddr, NodeId, NodeUsage, PieceId, SessionId, Timestamp};
+
+service! {
+    /// Everything a metaserver answers.
+    MetaRequest {
+        OpenSession => SessionInfo,
+        KeepAlive => (),
+        Lookup => Attr,
+        GetAttr => Attr,
+        ReadDir => DirPage,
+        ReadLink => Vec<u8>,
+        MakeNode => Attr,
+        Create => Created,
+        Open => Opened,
+        Release => (),
+        SetAttr => Attr,
+        Unlink => (),
+        RemoveDir => (),
+        Rename => (),
+        Link => Attr,
+        ChunkMap => ChunkMapReply,
+        AllocatePiece => Allocation,
+        CommitWrite => Attr,
+        StatFs => FsStats,
+        ClusterStatus => ClusterReport,
+        RegisterNode => Registered,
+        Heartbeat => HeartbeatReply,
+        Inventory => InventoryReply,
+    }
+}
+
+/// A mount announces itself; after a metaserver restart it resumes with the files it holds open,
+/// so that unlinked-but-open files are not reaped under it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct OpenSession {
+    pub client: String,
+    pub resume: Option<SessionId>,
+    /// (inode, number of open handles)
+    pub open_files: Vec<(Ino, u32)>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SessionInfo {
+    pub session: SessionId,
+    /// Size of the fixed chunks files are split into; constant for the life of a cluster.
+    pub chunk_size: u64,
+    /// How often the mount must renew its session.
+    pub keepalive_ms: u32,
+}
+
+/// Renews a session. Fails with `ErrorKind::Stale` if the metaserver no longer knows it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct KeepAlive {
+    pub session: SessionId,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Lookup {
+    pub parent: Ino,
+    pub name: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct GetAttr {
+    pub ino: Ino,
+}
+
+/// One page of a directory, in name order, starting after `after`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ReadDir {
+    pub dir: Ino,
+    pub after: Option<Vec<u8>>,
+    pub limit: u32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub attr: Attr,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct DirPage {
+    pub entries: Vec<DirEntry>,
+    /// More entries follow the last one returned.
+    pub more: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ReadLink {
+    pub ino: Ino,
+}
+
+/// Creates a directory, symlink, device node, fifo or socket (anything without data pieces).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct MakeNode {
+    pub parent: Ino,
+    pub name: Vec<u8>,
+    pub kind: FileKind,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    /// Symlink target; empty for other kinds.
+    pub target: Vec<u8>,
+}
+
+/// Creates (or, unless `exclusive`, opens) a regular file and registers the open.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Create {
+    pub parent: Ino,
+    pub name: Vec<u8>,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub exclusive: bool,
+    pub session: SessionId,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Created {
+    pub attr: Attr,
+    /// False when an existing file was opened instead.
+    pub created: bool,
+    /// A piece for the file's first chunk, so that a small file needs no further placement call.
+    pub first_piece: Option<Allocation>,
+}
+
+/// Registers an open handle (so the file outlives its last link until released).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Open {
+    pub ino: Ino,
+    pub session: SessionId,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Opened {
+    pub attr: Attr,
+    /// Locations of the first chunks, saving a round trip for small files.
+    pub chunks: Vec<ChunkLocation>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Release {
+    pub ino: Ino,
+    pub session: SessionId,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeSet {
+    Now,
+    At(Timestamp),
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct SetAttr {
+    pub ino: Ino,
+    pub perm: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+    pub ctime: Option<Timestamp>,
+    /// Whether the caller is privileged (root): unprivileged chown clears setuid/setgid.
+    pub caller_uid: u32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Unlink {
+    pub parent: Ino,
+    pub name: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct RemoveDir {
+    pub parent: Ino,
+    pub name: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenameMode {
+    /// POSIX rename: atomically replaces an existing target.
+    Replace,
+    /// Fails with AlreadyExists if the target exists.
+    NoReplace,
+    /// Atomically swaps source and target (both must exist).
+    Exchange,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Rename {
+    pub parent: Ino,
+    pub name: Vec<u8>,
+    pub new_parent: Ino,
+    pub new_name: Vec<u8>,
+    pub mode: RenameMode,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Link {
+    pub ino: Ino,
+    pub new_parent: Ino,
+    pub new_name: Vec<u8>,
+}
+
+/// Chunk locations travel in windows of this many chunks (an `Open` reply carries the first).
+pub const CHUNK_WINDOW: u32 = 64;
+
+/// Where one chunk of a file is stored.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ChunkLocation {
+    pub chunk: u64,
+    pub piece: PieceId,
+    /// Valid bytes in the piece; the rest of the chunk (up to the file size) reads as zeros.
+    pub len: u64,
+    pub node: NodeAddr,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ChunkMap {
+    pub ino: Ino,
+    pub first: u64,
+    pub count: u32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ChunkMapReply {
+    pub attr: Attr,
+    pub chunk_size: u64,
+    /// Only chunks that hold data; missing chunks are holes.
+    pub chunks: Vec<ChunkLocation>,
+}
+
+/// Asks for a new piece to write chunk `chunk` of `ino` into.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct AllocatePiece {
+    pub ino: Ino,
+    pub chunk: u64,
+    /// Daemons the client failed to reach; they are not chosen again.
+    pub exclude: Vec<NodeId>,
+}
+
+/// An existing piece a new piece starts as a copy of (copy-on-write of a chunk).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BasePiece {
+    pub piece: PieceId,
+    pub len: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Allocation {
+    pub chunk: u64,
+    pub piece: PieceId,
+    pub node: NodeAddr,
+    pub base: Option<BasePiece>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WrittenPiece {
+    pub chunk: u64,
+    pub piece: PieceId,
+    pub node: NodeId,
+    pub len: u64,
+}
+
+/// Makes durable pieces part of the file (replacing what those chunks held before).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct CommitWrite {
+    pub ino: Ino,
+    pub pieces: Vec<WrittenPiece>,
+    /// The file is at least this long afterwards.
+    pub min_size: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct StatFs {}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct FsStats {
+    pub capacity_bytes: u64,
+    pub free_bytes: u64,
+    pub used_bytes: u64,
+    pub inodes: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ClusterStatus {}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct NodeReport {
+    pub node: NodeAddr,
+    /// What the daemon itself last reported.
+    pub usage: NodeUsage,
+    /// Pieces the namespace references on this daemon.
+    pub referenced_pieces: u64,
+    pub referenced_bytes: u64,
+    /// Milliseconds since the last heartbeat (None: never seen since the metaserver started).
+    pub last_seen_ms: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ClusterReport {
+    pub nodes: Vec<NodeReport>,
+    pub files: u64,
+    pub directories: u64,
+    pub symlinks: u64,
+    pub chunk_size: u64,
+    /// Pieces queued for deletion on daemons.
+    pub pending_deletes: u64,
+    /// Files unlinked while open, waiting for their last close.
+    pub orphaned_files: u64,
+    pub sessions: u64,
+}
+
+/// A storage daemon (re)joins the cluster.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct RegisterNode {
+    pub name: String,
+    /// Address clients use to reach the daemon.
+    pub addr: String,
+    pub usage: NodeUsage,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Registered {
+    pub node: NodeId,
+    pub heartbeat_ms: u32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Heartbeat {
+    pub node: NodeId,
+    pub usage: NodeUsage,
+    /// Pieces deleted since the last heartbeat, as asked.
+    pub deleted: Vec<PieceId>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct HeartbeatReply {
+    /// Pieces the daemon must delete.
+    pub delete: Vec<PieceId>,
+    /// More deletions are queued: heartbeat again right away.
+    pub more: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredPiece {
+    pub piece: PieceId,
+    pub len: u64,
+    /// Seconds since the piece was written.
+    pub age_secs: u64,
+}
+
+/// After (re)registering, a daemon lists what it holds, in batches.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Inventory {
+    pub node: NodeId,
+    pub pieces: Vec<StoredPiece>,
+    pub last: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct InventoryReply {
+    /// Pieces nobody references (left by writes that never committed): delete them.
+    pub delete: Vec<PieceId>,
+}

@@ -1,0 +1,244 @@
+//! Calling a peer: one lazily (re)established connection per peer, one bidirectional stream per
+//! request, and a deadline on every wait.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use tokio::sync::Mutex;
+
+use crate::call::Call;
+use crate::error::{ErrorKind, RemoteError};
+use crate::frame::{self, FrameError};
+
+/// Why a call to a peer failed. Every variant names the peer.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("cannot reach {peer}: {reason}")]
+    Unreachable { peer: String, reason: String },
+    #[error("{peer} did not answer {call} within {timeout:?}")]
+    Timeout {
+        peer: String,
+        call: &'static str,
+        timeout: Duration,
+    },
+    #[error("connection to {peer} failed during {call}: {reason}")]
+    Transport {
+        peer: String,
+        call: &'static str,
+        reason: String,
+    },
+    #[error("bad message from {peer} during {call}: {source}")]
+    Frame {
+        peer: String,
+        call: &'static str,
+        #[source]
+        source: FrameError,
+    },
+    #[error("{peer}: {source}")]
+    Remote {
+        peer: String,
+        #[source]
+        source: RemoteError,
+    },
+}
+
+impl RpcError {
+    /// The remote error kind, if the peer answered with an error.
+    pub fn remote_kind(&self) -> Option<ErrorKind> {
+        match self {
+            RpcError::Remote { source, .. } => Some(source.kind),
+            _ => None,
+        }
+    }
+
+    /// True when the peer could not be reached or stopped answering (as opposed to refusing).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            RpcError::Unreachable { .. } | RpcError::Timeout { .. } | RpcError::Transport { .. }
+        )
+    }
+}
+
+/// One remote server, reached through a shared endpoint.
+pub struct Peer {
+    endpoint: Endpoint,
+    addr: String,
+    server_name: String,
+    connect_timeout: Duration,
+    conn: Mutex<Option<Connection>>,
+}
+
+impl fmt::Debug for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.server_name, self.addr)
+    }
+}
+
+impl Peer {
+    /// `server_name` is the name the peer's certificate must carry.
+    pub fn new(
+        endpoint: Endpoint,
+        addr: impl Into<String>,
+        server_name: impl Into<String>,
+        connect_timeout: Duration,
+    ) -> Self {
+        Peer {
+            endpoint,
+            addr: addr.into(),
+            server_name: server_name.into(),
+            connect_timeout,
+            conn: Mutex::new(None),
+        }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn name(&self) -> &str {
+        &self.server_name
+    }
+
+    fn unreachable(&self, reason: impl fmt::Display) -> RpcError {
+        RpcError::Unreachable {
+            peer: self.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    async fn resolve(&self) -> Result<SocketAddr, RpcError> {
+        let mut addrs = tokio::net::lookup_host(&self.addr)
+            .await
+            .map_err(|e| self.unreachable(format!("cannot resolve address: {e}")))?;
+        addrs
+            .next()
+            .ok_or_else(|| self.unreachable("address resolves to nothing"))
+    }
+
+    /// The live connection, connecting first if there is none.
+    pub async fn connection(&self) -> Result<Connection, RpcError> {
+        let mut guard = tokio::time::timeout(self.connect_timeout, self.conn.lock())
+            .await
+            .map_err(|_| self.unreachable("timed out waiting for another connection attempt"))?;
+        if let Some(conn) = guard.as_ref()
+            && conn.close_reason().is_none()
+        {
+            return Ok(conn.clone());
+        }
+        *guard = None;
+        let addr = tokio::time::timeout(self.connect_timeout, self.resolve())
+            .await
+            .map_err(|_| self.unreachable("timed out resolving address"))??;
+        let connecting = self
+            .endpoint
+            .connect(addr, &self.server_name)
+            .map_err(|e| self.unreachable(e))?;
+        let conn = tokio::time::timeout(self.connect_timeout, connecting)
+            .await
+            .map_err(|_| self.unreachable(format!("no handshake within {:?}", self.connect_timeout)))?
+            .map_err(|e| self.unreachable(e))?;
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Drops the cached connection if it is `conn` (after a failure on it).
+    pub async fn forget(&self, conn: &Connection) {
+        let mut guard = self.conn.lock().await;
+        if guard.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
+            *guard = None;
+        }
+    }
+
+    /// Opens a fresh request stream.
+    pub async fn open_stream(
+        &self,
+        call: &'static str,
+        timeout: Duration,
+    ) -> Result<(Connection, SendStream, RecvStream), RpcError> {
+        let conn = self.connection().await?;
+        match tokio::time::timeout(timeout, conn.open_bi()).await {
+            Ok(Ok((send, recv))) => Ok((conn, send, recv)),
+            Ok(Err(e)) => {
+                self.forget(&conn).await;
+                Err(self.transport(call, e))
+            }
+            Err(_) => Err(RpcError::Timeout {
+                peer: self.to_string(),
+                call,
+                timeout,
+            }),
+        }
+    }
+
+    pub fn transport(&self, call: &'static str, reason: impl fmt::Display) -> RpcError {
+        RpcError::Transport {
+            peer: self.to_string(),
+            call,
+            reason: reason.to_string(),
+        }
+    }
+
+    pub fn frame_error(&self, call: &'static str, source: FrameError) -> RpcError {
+        match source {
+            FrameError::Io(e) => self.transport(call, e),
+            FrameError::Truncated => self.transport(call, "stream closed early"),
+            source => RpcError::Frame {
+                peer: self.to_string(),
+                call,
+                source,
+            },
+        }
+    }
+
+    pub fn remote(&self, source: RemoteError) -> RpcError {
+        RpcError::Remote {
+            peer: self.to_string(),
+            source,
+        }
+    }
+
+    /// Sends one request and waits at most `timeout` for its answer.
+    pub async fn call<C: Call>(&self, request: C, timeout: Duration) -> Result<C::Reply, RpcError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (conn, mut send, mut recv) = self.open_stream(C::NAME, timeout).await?;
+        let exchange = async {
+            frame::write_frame(&mut send, &request.into_envelope())
+                .await
+                .map_err(|e| self.frame_error(C::NAME, e))?;
+            let _ = send.finish();
+            let reply: Result<C::Reply, RemoteError> = frame::read_frame(&mut recv)
+                .await
+                .map_err(|e| self.frame_error(C::NAME, e))?;
+            reply.map_err(|e| self.remote(e))
+        };
+        match tokio::time::timeout_at(deadline, exchange).await {
+            Ok(Err(e)) => {
+                if e.is_unavailable() {
+                    self.forget(&conn).await;
+                }
+                Err(e)
+            }
+            Ok(ok) => ok,
+            Err(_) => {
+                // A peer that stops answering may be gone: reconnect next time.
+                if conn.close_reason().is_some() {
+                    self.forget(&conn).await;
+                }
+                Err(RpcError::Timeout {
+                    peer: self.to_string(),
+                    call: C::NAME,
+                    timeout,
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,108 @@
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use dfs_common::config::{Config, DEFAULT_PATH};
+use dfs_proto::Peer;
+use dfs_proto::tls::TlsIdentity;
+use dfs_storaged::membership::Membership;
+use dfs_storaged::store::PieceStore;
+
+/// dfs storage daemon: stores pieces of file data and serves them to mounts.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Cluster configuration file.
+    #[arg(long, default_value = DEFAULT_PATH)]
+    config: PathBuf,
+    /// Which [[storaged]] entry of the config to run (needed when there are several).
+    #[arg(long)]
+    name: Option<String>,
+    /// Override the listen address (host:port).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Override the address advertised to clients.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Override the data directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Override the most entries any directory under the data directory may hold.
+    #[arg(long)]
+    fanout: Option<u32>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    dfs_common::logging::init("dfs-storaged");
+    let config = Config::load(&args.config)?;
+    let mut me = config.storaged(args.name.as_deref())?.clone();
+    if let Some(v) = args.listen {
+        me.listen = v;
+    }
+    if let Some(v) = args.advertise {
+        me.advertise = Some(v);
+    }
+    if let Some(v) = args.data_dir {
+        me.data_dir = v;
+    }
+    if let Some(v) = args.fanout {
+        if !(16..=4096).contains(&v) {
+            bail!("--fanout must be between 16 and 4096");
+        }
+        me.fanout = v;
+    }
+    let listen = me
+        .listen
+        .to_socket_addrs()
+        .with_context(|| format!("invalid listen address {:?}", me.listen))?
+        .next()
+        .with_context(|| format!("listen address {:?} resolves to nothing", me.listen))?;
+    let data_dir = config.resolve(&me.data_dir);
+    let tls = TlsIdentity::load(&config.tls_files(&me.cert, &me.key))?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let store = {
+            let dir = data_dir.clone();
+            let (fanout, cap) = (me.fanout, me.capacity_bytes);
+            tokio::task::spawn_blocking(move || PieceStore::open(&dir, fanout, cap)).await??
+        };
+        let store = Arc::new(store);
+        let usage = store.usage();
+        let endpoint = dfs_proto::endpoint::server(listen, tls.server_config()?, Some(tls.client_config()?))?;
+        tracing::info!(
+            "storage daemon {} serving {} on {listen} (advertised as {}), {} pieces / {} bytes stored, fanout {}",
+            me.name,
+            data_dir.display(),
+            me.advertised(),
+            usage.pieces,
+            usage.bytes,
+            me.fanout
+        );
+        let meta = Peer::new(
+            endpoint.clone(),
+            config.cluster.metaserver.clone(),
+            config.cluster.metaserver_name.clone(),
+            Duration::from_secs(3),
+        );
+        let membership = Membership {
+            store: store.clone(),
+            meta,
+            name: me.name.clone(),
+            advertise: me.advertised().to_owned(),
+            heartbeat: Duration::from_millis(me.heartbeat_ms),
+        };
+        let membership = tokio::spawn(membership.run());
+        tokio::spawn(dfs_storaged::server::serve(endpoint.clone(), store));
+        dfs_common::process::shutdown_signal().await;
+        tracing::info!("storage daemon {} shutting down", me.name);
+        membership.abort();
+        endpoint.close(0u32.into(), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,220 @@
+//! Serves piece reads and writes to clients over QUIC. Bytes are streamed in bounded segments;
+//! disk work runs on the blocking pool, overlapped with receiving the next segment.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dfs_proto::server::{read_request, reply, reply_error};
+use dfs_proto::storage::Ping;
+use dfs_proto::storage::{MAX_READ, PieceWritten, ReadPiece, ReadReply, SegmentHeader, StorageRequest, WritePiece};
+use dfs_proto::{ErrorKind, RemoteError};
+use quinn::{Endpoint, RecvStream, SendStream, VarInt};
+use tokio::task::{JoinHandle, spawn_blocking};
+
+use crate::store::{PieceStore, PieceWriter, StoreError};
+
+/// A client that stops sending mid-piece for this long is abandoned (its partial piece discarded).
+const SEGMENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Reads are sent in pieces of this size.
+const READ_BLOCK: usize = 1 << 20;
+/// Stream error code telling a reader the data after the header is not coming.
+const READ_FAILED: VarInt = VarInt::from_u32(1);
+
+pub async fn serve(endpoint: Endpoint, store: Arc<PieceStore>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    dfs_proto::server::log_handshake_failure(remote, &e);
+                    return;
+                }
+            };
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                tokio::spawn(handle_stream(store.clone(), send, recv, remote));
+            }
+        });
+    }
+}
+
+async fn handle_stream(store: Arc<PieceStore>, mut send: SendStream, mut recv: RecvStream, remote: SocketAddr) {
+    let request: StorageRequest = match read_request(&mut recv).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!("bad request from {remote}: {e}");
+            let _ = reply_error(&mut send, RemoteError::new(ErrorKind::InvalidArgument, e.to_string())).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    let sent = match request {
+        StorageRequest::WritePiece(w) => {
+            let piece = w.piece;
+            let result = receive_piece(store, w, &mut recv).await;
+            if let Err(e) = &result {
+                tracing::warn!("write of piece {piece} from {remote} failed: {}", e.message);
+            }
+            reply::<WritePiece>(&mut send, result).await
+        }
+        StorageRequest::ReadPiece(r) => {
+            send_range(store, r, &mut send, remote).await;
+            Ok(())
+        }
+        StorageRequest::Ping(_) => reply::<Ping>(&mut send, Ok(store.usage())).await,
+    };
+    if sent.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> RemoteError {
+    RemoteError::new(ErrorKind::Io, format!("storage task failed: {e}"))
+}
+
+fn store_error(e: StoreError) -> RemoteError {
+    e.to_remote()
+}
+
+fn protocol_error(piece: u64, what: impl std::fmt::Display) -> RemoteError {
+    RemoteError::new(ErrorKind::InvalidArgument, format!("piece {piece}: {what}"))
+}
+
+/// Reads exactly `buf.len()` bytes, or returns false on a clean end of stream before any byte.
+async fn read_header(
+    recv: &mut RecvStream,
+    buf: &mut [u8; SegmentHeader::SIZE],
+    piece: u64,
+) -> Result<bool, RemoteError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match tokio::time::timeout(SEGMENT_TIMEOUT, recv.read(&mut buf[got..])).await {
+            Err(_) => return Err(protocol_error(piece, "client stopped sending")),
+            Ok(Err(e)) => return Err(protocol_error(piece, format!("stream failed: {e}"))),
+            Ok(Ok(None)) if got == 0 => return Ok(false),
+            Ok(Ok(None)) => return Err(protocol_error(piece, "stream ended inside a segment header")),
+            Ok(Ok(Some(n))) => got += n,
+        }
+    }
+    Ok(true)
+}
+
+async fn receive_piece(
+    store: Arc<PieceStore>,
+    req: WritePiece,
+    recv: &mut RecvStream,
+) -> Result<PieceWritten, RemoteError> {
+    let piece = req.piece;
+    let s = store.clone();
+    let writer = spawn_blocking(move || s.begin_write(req.piece, req.base))
+        .await
+        .map_err(join_error)?
+        .map_err(store_error)?;
+    let mut idle: Option<PieceWriter> = Some(writer);
+    let mut busy: Option<JoinHandle<Result<PieceWriter, StoreError>>> = None;
+    let mut header = [0u8; SegmentHeader::SIZE];
+    while read_header(recv, &mut header, piece).await? {
+        let seg = SegmentHeader::decode(&header).map_err(|e| protocol_error(piece, e))?;
+        let mut data = vec![0u8; seg.len as usize];
+        match tokio::time::timeout(SEGMENT_TIMEOUT, recv.read_exact(&mut data)).await {
+            Err(_) => return Err(protocol_error(piece, "client stopped sending")),
+            Ok(Err(e)) => return Err(protocol_error(piece, format!("segment truncated: {e}"))),
+            Ok(Ok(())) => {}
+        }
+        // Wait for the previous disk write only now, so the network read overlapped it.
+        let mut writer = match busy.take() {
+            Some(h) => h.await.map_err(join_error)?.map_err(store_error)?,
+            None => idle.take().expect("writer is idle or busy"),
+        };
+        busy = Some(spawn_blocking(move || {
+            writer.write_at(seg.offset, &data)?;
+            Ok(writer)
+        }));
+    }
+    let writer = match busy.take() {
+        Some(h) => h.await.map_err(join_error)?.map_err(store_error)?,
+        None => idle.take().expect("writer is idle or busy"),
+    };
+    let len = spawn_blocking(move || writer.commit())
+        .await
+        .map_err(join_error)?
+        .map_err(store_error)?;
+    Ok(PieceWritten { len })
+}
+
+async fn send_range(store: Arc<PieceStore>, req: ReadPiece, send: &mut SendStream, remote: SocketAddr) {
+    let piece = req.piece;
+    if req.len > MAX_READ {
+        let e = protocol_error(
+            piece,
+            format!("read of {} bytes exceeds the {MAX_READ}-byte limit", req.len),
+        );
+        let _ = reply::<ReadPiece>(send, Err(e)).await;
+        return;
+    }
+    let s = store.clone();
+    let opened = spawn_blocking(move || {
+        let file = s.open_piece(piece)?;
+        let len = file.metadata().map_err(|source| StoreError::Io {
+            op: "stat",
+            path: s.layout().piece_path(piece),
+            source,
+        })?;
+        Ok::<_, StoreError>((file, len.len()))
+    })
+    .await;
+    let (file, file_len) = match opened {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            if !matches!(e, StoreError::NotFound { .. }) {
+                tracing::warn!("read of piece {piece} for {remote} failed: {e}");
+            }
+            let _ = reply::<ReadPiece>(send, Err(e.to_remote())).await;
+            return;
+        }
+        Err(e) => {
+            let _ = reply::<ReadPiece>(send, Err(join_error(e))).await;
+            return;
+        }
+    };
+    let available = file_len.saturating_sub(req.offset).min(req.len as u64);
+    if reply::<ReadPiece>(send, Ok(ReadReply { len: available as u32 }))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let file = Arc::new(file);
+    let mut offset = req.offset;
+    let end = req.offset + available;
+    while offset < end {
+        let n = ((end - offset) as usize).min(READ_BLOCK);
+        let f = file.clone();
+        let block = spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; n];
+            f.read_exact_at(&mut buf, offset).map(|_| buf)
+        })
+        .await;
+        match block {
+            Ok(Ok(buf)) => {
+                if send.write_all(&buf).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!("read of piece {piece} at {offset} for {remote} failed: {e}");
+                let _ = send.reset(READ_FAILED);
+                return;
+            }
+            Err(_) => {
+                let _ = send.reset(READ_FAILED);
+                return;
+            }
+        }
+        offset += n as u64;
+    }
+}

@@ -1,0 +1,105 @@
+//! Files and trees go through the mount and come back byte for byte, with plain coreutils.
+
+use std::path::Path;
+use std::process::Command;
+
+use dfs_tests::{Cluster, data, run, sh};
+
+fn cmp(a: &Path, b: &Path) {
+    run(Command::new("cmp").arg(a).arg(b));
+}
+
+#[test]
+fn files_of_every_size_round_trip_with_cp() {
+    let mut cluster = Cluster::start(3);
+    let mnt = cluster.mount();
+    let local = tempfile::tempdir().unwrap();
+    let sizes: [(&str, u64); 6] = [
+        ("zero", 0),
+        ("one", 1),
+        ("four_k", 4096),
+        ("one_m_plus_one", (1 << 20) + 1),
+        ("sixty_four_m", 64 << 20),
+        ("three_hundred_m", 300 << 20),
+    ];
+    for (i, (name, size)) in sizes.iter().enumerate() {
+        let src = local.path().join(name);
+        data::write_file(&src, *size, i as u64);
+        run(Command::new("cp").arg(&src).arg(mnt.join(name)));
+        cmp(&src, &mnt.join(name));
+        assert_eq!(std::fs::metadata(mnt.join(name)).unwrap().len(), *size, "{name}");
+    }
+    // ls -l shows the sizes.
+    let ls = String::from_utf8(run(Command::new("ls").arg("-l").arg(&mnt)).stdout).unwrap();
+    for (name, size) in sizes {
+        let line = ls
+            .lines()
+            .find(|l| l.ends_with(&format!(" {name}")))
+            .unwrap_or_else(|| panic!("{name} in ls:\n{ls}"));
+        let field: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(field[4], size.to_string(), "{line}");
+    }
+    // A second mount sees the same bytes (read path with a cold cache).
+    let other = cluster.mount();
+    cmp(&local.path().join("three_hundred_m"), &other.join("three_hundred_m"));
+    // mv within and across directories, then rm.
+    std::fs::create_dir(mnt.join("sub")).unwrap();
+    run(Command::new("mv")
+        .arg(mnt.join("one_m_plus_one"))
+        .arg(mnt.join("sub/moved")));
+    cmp(&local.path().join("one_m_plus_one"), &mnt.join("sub/moved"));
+    assert!(!mnt.join("one_m_plus_one").exists());
+    run(Command::new("mv").arg(mnt.join("four_k")).arg(mnt.join("renamed")));
+    cmp(&local.path().join("four_k"), &mnt.join("renamed"));
+    run(Command::new("rm").arg(mnt.join("renamed")).arg(mnt.join("sub/moved")));
+    assert!(!mnt.join("renamed").exists());
+    assert!(!mnt.join("sub/moved").exists());
+}
+
+#[test]
+fn directories_and_a_thousand_file_tree() {
+    let mut cluster = Cluster::start(3);
+    let mnt = cluster.mount();
+    run(Command::new("mkdir").arg("-p").arg(mnt.join("a/b/c")));
+    assert!(mnt.join("a/b/c").is_dir());
+    run(Command::new("rmdir").arg(mnt.join("a/b/c")));
+    assert!(!mnt.join("a/b/c").exists());
+    let rmdir_busy = Command::new("rmdir").arg(mnt.join("a")).output().unwrap();
+    assert!(!rmdir_busy.status.success(), "rmdir of a non-empty directory must fail");
+    assert!(
+        String::from_utf8_lossy(&rmdir_busy.stderr).contains("not empty"),
+        "{rmdir_busy:?}"
+    );
+    run(Command::new("rm").arg("-r").arg(mnt.join("a")));
+    assert!(!mnt.join("a").exists());
+
+    // A tree of ~1,000 files (various sizes, nested directories) through tar.
+    let local = tempfile::tempdir().unwrap();
+    let tree = local.path().join("tree");
+    for d in 0..20 {
+        let dir = tree.join(format!("dir{d:02}")).join("nested");
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..50u64 {
+            let size = (d as u64 * 7919 + f * 104_729) % 200_000;
+            data::write_file(&dir.join(format!("file{f:02}")), size, d as u64 * 100 + f);
+        }
+    }
+    std::os::unix::fs::symlink("dir00/nested/file00", tree.join("link")).unwrap();
+    let tarball = local.path().join("tree.tar");
+    run(Command::new("tar")
+        .arg("-cf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(local.path())
+        .arg("tree"));
+    run(Command::new("tar").arg("-xf").arg(&tarball).arg("-C").arg(&mnt));
+    run(Command::new("diff")
+        .arg("-r")
+        .arg("--no-dereference")
+        .arg(&tree)
+        .arg(mnt.join("tree")));
+    let listed = sh(&format!("find {} -type f | wc -l", mnt.join("tree").display()));
+    assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), "1000");
+    run(Command::new("rm").arg("-rf").arg(mnt.join("tree")));
+    assert!(std::fs::read_dir(&mnt).unwrap().next().is_none());
+}
