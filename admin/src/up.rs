@@ -309,9 +309,13 @@ pub async fn run(opts: UpOptions) -> Result<(), UpError> {
 
 async fn all_up(config: &Config, names: &[String]) -> bool {
     match status::fetch(config, Duration::from_millis(500)).await {
-        Ok(report) => names
-            .iter()
-            .all(|n| report.nodes.iter().any(|r| &r.node.name == n && r.node.up)),
+        // Heard from since the metaserver started, not merely presumed up.
+        Ok(report) => names.iter().all(|n| {
+            report
+                .nodes
+                .iter()
+                .any(|r| &r.node.name == n && r.node.up && r.last_seen_ms.is_some())
+        }),
         Err(_) => false,
     }
 }

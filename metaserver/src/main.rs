@@ -57,7 +57,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let svc = MetaService::start(Arc::new(db), settings)?;
-        let endpoint = dfs_proto::endpoint::server(listen, tls.server_config()?, None)?;
+        let endpoint = dfs_proto::endpoint::server(listen, tls.server_config()?, None, &tls.reset_secret())?;
         tracing::info!(
             "metaserver listening on {listen}, database {}, chunk size {} bytes",
             db_path.display(),

@@ -17,6 +17,9 @@ pub struct NodeState {
     pub name: String,
     pub addr: String,
     pub last_seen: Option<Instant>,
+    /// Known from the database but not heard from since the metaserver started: presumed up
+    /// until then, so a metaserver restart does not fail reads while daemons reconnect.
+    pub presumed_up_until: Option<Instant>,
     /// As last reported by the daemon.
     pub usage: NodeUsage,
     /// Pieces (and their bytes) the namespace references on this daemon.
@@ -64,14 +67,15 @@ impl Registry {
         }
     }
 
-    /// Adds a daemon known from the database (down until it heartbeats).
-    pub fn load(&mut self, id: NodeId, name: String, addr: String) {
+    /// Adds a daemon known from the database, presumed up for one heartbeat timeout.
+    pub fn load(&mut self, id: NodeId, name: String, addr: String, now: Instant) {
         self.nodes.insert(
             id,
             NodeState {
                 name,
                 addr,
                 last_seen: None,
+                presumed_up_until: Some(now + self.heartbeat_timeout),
                 usage: NodeUsage::default(),
                 referenced_pieces: 0,
                 referenced_bytes: 0,
@@ -94,6 +98,7 @@ impl Registry {
             name: name.clone(),
             addr: addr.clone(),
             last_seen: None,
+            presumed_up_until: None,
             usage,
             referenced_pieces: 0,
             referenced_bytes: 0,
@@ -124,8 +129,14 @@ impl Registry {
     }
 
     fn up(&self, n: &NodeState, now: Instant) -> bool {
-        n.last_seen
-            .is_some_and(|t| now.saturating_duration_since(t) < self.heartbeat_timeout)
+        Self::is_alive(n, now, self.heartbeat_timeout)
+    }
+
+    fn is_alive(n: &NodeState, now: Instant, timeout: Duration) -> bool {
+        match n.last_seen {
+            Some(t) => now.saturating_duration_since(t) < timeout,
+            None => n.presumed_up_until.is_some_and(|until| now < until),
+        }
     }
 
     pub fn node(&self, id: NodeId) -> Option<&NodeState> {
@@ -156,7 +167,8 @@ impl Registry {
         let mut excluded = 0;
         let mut best: Option<(u64, u64, NodeId)> = None;
         for (&id, n) in &self.nodes {
-            if !self.up(n, now) {
+            // Presumed-up daemons serve reads, but new data waits for real usage figures.
+            if !self.up(n, now) || n.last_seen.is_none() {
                 continue;
             }
             up += 1;
@@ -187,6 +199,13 @@ impl Registry {
 
     /// Records an allocation expected to take `bytes` once written (so that a burst of
     /// allocations, e.g. the chunks of one large file, spreads before anything is committed).
+    /// Whether some daemon is presumed up but has not reported since the metaserver started.
+    pub fn awaiting_reports(&self, now: Instant) -> bool {
+        self.nodes
+            .values()
+            .any(|n| n.last_seen.is_none() && n.presumed_up_until.is_some_and(|until| now < until))
+    }
+
     pub fn note_pending(&mut self, piece: PieceId, node: NodeId, bytes: u64, now: Instant) {
         if let Some(n) = self.nodes.get_mut(&node) {
             n.pending_pieces += 1;
@@ -276,7 +295,7 @@ impl Registry {
         let timeout = self.heartbeat_timeout;
         let mut out = vec![];
         for (&id, n) in self.nodes.iter_mut() {
-            let up = n.last_seen.is_some_and(|t| now.saturating_duration_since(t) < timeout);
+            let up = Self::is_alive(n, now, timeout);
             if up != n.was_up {
                 n.was_up = up;
                 out.push((
@@ -391,6 +410,16 @@ mod tests {
             }
         );
         assert!(Registry::new(Duration::from_secs(1)).choose(&[], 0, now).is_err());
+    }
+
+    #[test]
+    fn daemons_known_from_before_a_restart_are_presumed_up_briefly() {
+        let now = Instant::now();
+        let mut r = Registry::new(Duration::from_secs(5));
+        r.load(1, "s1".into(), "x".into(), now);
+        assert!(r.is_up(1, now + Duration::from_secs(4)));
+        assert!(!r.is_up(1, now + Duration::from_secs(6)));
+        assert_eq!(r.report(now)[0].last_seen_ms, None, "never heard from is shown as such");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::committer::Committer;
 use crate::db::{ReadCtx, WriteCtx};
 use crate::error::{MetaError, Result};
 use crate::namespace::{self, NewNode};
-use crate::registry::Registry;
+use crate::registry::{NoDaemon, Registry};
 use crate::schema::{ChunkRecord, NodeRecord, get_counter, keys};
 use crate::sessions::Sessions;
 
@@ -78,7 +78,7 @@ impl MetaService {
         for item in r.nodes.iter()? {
             let (id, value) = item?;
             let rec = NodeRecord::decode(id.value(), value.value())?;
-            registry.load(id.value(), rec.name, rec.addr);
+            registry.load(id.value(), rec.name, rec.addr, Instant::now());
         }
         for item in r.node_pieces.iter()? {
             let (key, value) = item?;
@@ -153,14 +153,31 @@ impl MetaService {
         Ok(id)
     }
 
+    /// The daemon for a new piece. Just after a restart, while daemons known from before have
+    /// not reported yet, waits for them rather than failing.
+    async fn choose_node(&self, exclude: &[NodeId]) -> Result<NodeId, NoDaemon> {
+        loop {
+            let now = Instant::now();
+            let (choice, waiting) = {
+                let registry = lock(&self.registry);
+                (
+                    registry.choose(exclude, self.settings.chunk_size, now),
+                    registry.awaiting_reports(now),
+                )
+            };
+            match choice {
+                Err(_) if waiting => tokio::time::sleep(Duration::from_millis(50)).await,
+                other => return other,
+            }
+        }
+    }
+
     /// A new piece for a chunk that holds no data yet, on the daemon placement picks.
     async fn allocate_new(&self, chunk: u64, exclude: &[NodeId]) -> Result<Allocation> {
-        let node = {
-            let registry = lock(&self.registry);
-            registry
-                .choose(exclude, self.settings.chunk_size, Instant::now())
-                .map_err(|e| MetaError::fs(ErrorKind::NoSpace, e.to_string()))?
-        };
+        let node = self
+            .choose_node(exclude)
+            .await
+            .map_err(|e| MetaError::fs(ErrorKind::NoSpace, e.to_string()))?;
         let piece = self.next_piece_id().await?;
         let now = Instant::now();
         let mut registry = lock(&self.registry);
@@ -257,7 +274,7 @@ impl MetaService {
         if !lock(&self.sessions).renew(session, now) {
             return Err(stale_session(session));
         }
-        let no_room = lock(&self.registry).choose(&[], self.settings.chunk_size, now).err();
+        let no_room = self.choose_node(&[]).await.err();
         let (attr, created) = self
             .write(move |ctx| {
                 if let Some(reason) = no_room {

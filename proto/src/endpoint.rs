@@ -86,14 +86,18 @@ pub fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, EndpointError> {
     Ok(socket.into())
 }
 
-/// A server endpoint that can also open client connections (with `client`).
+/// A server endpoint that can also open client connections (with `client`). `reset_secret` must
+/// be stable across restarts (see `TlsIdentity::reset_secret`).
 pub fn server(
     addr: SocketAddr,
     server: quinn::ServerConfig,
     client: Option<quinn::ClientConfig>,
+    reset_secret: &[u8; 32],
 ) -> Result<Endpoint, EndpointError> {
     let socket = bind_udp(addr)?;
-    let mut endpoint = Endpoint::new(EndpointConfig::default(), Some(server), socket, Arc::new(TokioRuntime))
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret);
+    let config = EndpointConfig::new(Arc::new(reset_key));
+    let mut endpoint = Endpoint::new(config, Some(server), socket, Arc::new(TokioRuntime))
         .map_err(|source| EndpointError::Start { addr, source })?;
     if let Some(client) = client {
         endpoint.set_default_client_config(client);

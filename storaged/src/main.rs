@@ -73,7 +73,12 @@ fn main() -> anyhow::Result<()> {
         };
         let store = Arc::new(store);
         let usage = store.usage();
-        let endpoint = dfs_proto::endpoint::server(listen, tls.server_config()?, Some(tls.client_config()?))?;
+        let endpoint = dfs_proto::endpoint::server(
+            listen,
+            tls.server_config()?,
+            Some(tls.client_config()?),
+            &tls.reset_secret(),
+        )?;
         tracing::info!(
             "storage daemon {} serving {} on {listen} (advertised as {}), {} pieces / {} bytes stored, fanout {}",
             me.name,

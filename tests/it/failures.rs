@@ -9,6 +9,13 @@ use dfs_tests::{Cluster, data, locate, timed, wait_until};
 /// How long any failing operation may take before it reports its error.
 const LIMIT: Duration = Duration::from_secs(10);
 
+/// These tests measure seconds: run them one at a time, not competing for the CPU.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
     let mut buf = Vec::new();
     std::fs::File::open(path)?.read_to_end(&mut buf)?;
@@ -26,6 +33,7 @@ fn write_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
 
 #[test]
 fn a_dead_storage_daemon_fails_only_its_own_reads() {
+    let _serial = serial();
     let mut cluster = Cluster::start(3);
     let mnt = cluster.mount();
     let files: Vec<_> = (0..24).map(|i| mnt.join(format!("f{i:02}"))).collect();
@@ -76,16 +84,32 @@ fn a_dead_storage_daemon_fails_only_its_own_reads() {
         );
     }
 
-    // The daemon comes back: its files read again.
+    // Deleting a file whose daemon is down works; the daemon catches up when it returns.
+    let doomed = lost.last().unwrap();
+    std::fs::remove_file(&doomed.path).unwrap();
+    // It held one piece per file it held, none written since: one fewer once it catches up.
+    let expected_pieces = lost.len() as u64 - 1;
+
+    // The daemon comes back: its files read again, and the deleted one's piece goes away.
     cluster.start_daemon(victim);
     cluster.wait_daemon_state(victim, true, LIMIT);
     let l = &lost[0];
     let i: usize = l.path.file_name().unwrap().to_str().unwrap()[1..].parse().unwrap();
     assert_eq!(read_all(&l.path).unwrap(), data::bytes(10_000 + i, i as u64));
+    wait_until(
+        "the returning daemon to delete what was removed meanwhile",
+        LIMIT,
+        || {
+            let r = cluster.status();
+            let n = r.nodes.iter().find(|n| n.node.name == victim).unwrap();
+            r.pending_deletes == 0 && n.usage.pieces == expected_pieces
+        },
+    );
 }
 
 #[test]
 fn no_storage_daemon_means_enospc_within_seconds() {
+    let _serial = serial();
     let mut cluster = Cluster::start(3);
     let mnt = cluster.mount();
     write_file(&mnt.join("before"), b"data").unwrap();
@@ -123,6 +147,7 @@ fn no_storage_daemon_means_enospc_within_seconds() {
 
 #[test]
 fn a_stopped_metaserver_gives_errors_not_hangs_and_the_mount_recovers() {
+    let _serial = serial();
     let mut cluster = Cluster::start(2);
     let mnt = cluster.mount();
     std::fs::write(mnt.join("a"), b"first").unwrap();

@@ -80,7 +80,7 @@ fn peers_without_a_cluster_certificate_are_refused() {
         })
         .unwrap();
         let addr: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let server = dfs_proto::endpoint::server(addr, rogue_server.server_config().unwrap(), None).unwrap();
+        let server = dfs_proto::endpoint::server(addr, rogue_server.server_config().unwrap(), None, &[7; 32]).unwrap();
         let port = server.local_addr().unwrap().port();
         tokio::spawn(async move {
             while let Some(incoming) = server.accept().await {
