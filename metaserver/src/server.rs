@@ -59,6 +59,8 @@ async fn handle_stream(svc: Arc<MetaService>, mut send: SendStream, mut recv: Re
             return;
         }
     };
+    let started = std::time::Instant::now();
+    let call = request.name();
     let s = &mut send;
     let sent = match request {
         MetaRequest::OpenSession(r) => answer!(s, remote, OpenSession, svc.open_session(r).await),
@@ -88,6 +90,7 @@ async fn handle_stream(svc: Arc<MetaService>, mut send: SendStream, mut recv: Re
     if sent.is_ok() {
         let _ = send.finish();
     }
+    tracing::debug!("{call} from {remote} answered in {:?}", started.elapsed());
 }
 
 /// Runs housekeeping every second, and right away when a file may have lost its last user.

@@ -105,6 +105,27 @@ pub fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// Inode number 0 tells the kernel "no such entry" while letting it cache that answer.
+fn negative_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: SystemTime::UNIX_EPOCH,
+        mtime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: BLKSIZE,
+        flags: 0,
+    }
+}
+
 fn time_set(t: TimeOrNow) -> TimeSet {
     match t {
         TimeOrNow::Now => TimeSet::Now,
@@ -140,6 +161,9 @@ impl Filesystem for DfsFs {
         let n = name(n);
         self.run("lookup", async move { m.lookup(parent.0, n).await }, move |r| match r {
             Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
+            // A negative entry: the kernel remembers the name is absent for the entry timeout,
+            // sparing a round trip before every create or mkdir of a new name.
+            Err(e) if e.errno == libc::ENOENT => reply.entry(&ttl, &negative_entry(), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         });
     }

@@ -51,6 +51,8 @@ async fn handle_stream(store: Arc<PieceStore>, mut send: SendStream, mut recv: R
             return;
         }
     };
+    let started = std::time::Instant::now();
+    let call = request.name();
     let sent = match request {
         StorageRequest::WritePiece(w) => {
             let piece = w.piece;
@@ -69,6 +71,7 @@ async fn handle_stream(store: Arc<PieceStore>, mut send: SendStream, mut recv: R
     if sent.is_ok() {
         let _ = send.finish();
     }
+    tracing::debug!("{call} from {remote} answered in {:?}", started.elapsed());
 }
 
 fn join_error(e: tokio::task::JoinError) -> RemoteError {
