@@ -11,7 +11,11 @@ use dfs_proto::types::{FileKind, ROOT_INO};
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     let db = dfs_metaserver::db::open(&dir.path().join("meta.redb"), 8 << 20).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let svc = MetaService::start(
             Arc::new(db),
@@ -39,7 +43,11 @@ fn main() {
             svc.make_node(mk(i)).await.unwrap();
         }
         let e = t.elapsed();
-        println!("sequential mkdir: {:.3} ms each, {:.0}/s", e.as_secs_f64() * 1e3 / n as f64, n as f64 / e.as_secs_f64());
+        println!(
+            "sequential mkdir: {:.3} ms each, {:.0}/s",
+            e.as_secs_f64() * 1e3 / n as f64,
+            n as f64 / e.as_secs_f64()
+        );
         let t = Instant::now();
         let mut tasks = Vec::new();
         for i in 0..n {
@@ -111,7 +119,9 @@ fn main() {
             .await
             .unwrap();
         }
-        println!("sequential commit_write: {:.3} ms each", t.elapsed().as_secs_f64() * 1e3 / n as f64);
+        println!(
+            "sequential commit_write: {:.3} ms each",
+            t.elapsed().as_secs_f64() * 1e3 / n as f64
+        );
     });
 }
-

@@ -305,7 +305,7 @@ impl Filesystem for DfsFs {
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let m = self.mount.clone();
         self.run("open", async move { m.open(ino.0).await }, move |r| match r {
-            Ok(o) => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
+            Ok(o) => reply.opened(FileHandle(o.fh), open_flags(o.keep_cache)),
             Err(e) => reply.error(errno(&e)),
         });
     }
@@ -530,6 +530,14 @@ impl DfsFs {
             Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         });
+    }
+}
+
+fn open_flags(keep_cache: bool) -> FopenFlags {
+    if keep_cache {
+        FopenFlags::FOPEN_KEEP_CACHE
+    } else {
+        FopenFlags::empty()
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use dfs_proto::ErrorKind;
 use dfs_proto::meta::*;
-use dfs_proto::types::{Attr, FileKind, Ino};
+use dfs_proto::types::{Attr, FileKind, Ino, Timestamp};
 use tokio::sync::mpsc;
 
 use crate::dir::DirHandle;
@@ -33,6 +33,9 @@ pub struct Mount {
     pub chunk_size: u64,
     pub timeouts: Timeouts,
     inodes: Mutex<HashMap<Ino, Arc<InodeState>>>,
+    /// The (mtime, size) each inode had when this mount last filled or wrote its page cache:
+    /// an open that finds the same version keeps the cache.
+    cached_versions: Mutex<HashMap<Ino, (Timestamp, u64)>>,
     files: Mutex<HashMap<u64, Ino>>,
     dirs: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<DirHandle>>>>,
     next_handle: AtomicU64,
@@ -42,7 +45,12 @@ pub struct Mount {
 pub struct OpenedFile {
     pub fh: u64,
     pub attr: Attr,
+    /// The kernel's cached pages of this file are still valid.
+    pub keep_cache: bool,
 }
+
+/// Versions remembered for page-cache reuse; past this many the memory is simply reset.
+const MAX_CACHED_VERSIONS: usize = 200_000;
 
 fn storage_down(ino: Ino, loc: &ChunkLocation) -> FsError {
     FsError::io(format!(
@@ -59,10 +67,22 @@ impl Mount {
             chunk_size,
             timeouts,
             inodes: Mutex::new(HashMap::new()),
+            cached_versions: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
         }
+    }
+
+    /// Records the version of `ino` whose content the page cache now holds; returns whether it
+    /// was already the cached one.
+    fn note_cached_version(&self, attr: &Attr) -> bool {
+        let version = (attr.mtime, attr.size);
+        let mut versions = self.cached_versions.lock().expect("versions");
+        if versions.len() >= MAX_CACHED_VERSIONS {
+            versions.clear();
+        }
+        versions.insert(attr.ino, version) == Some(version)
     }
 
     fn state(&self, ino: Ino) -> Option<Arc<InodeState>> {
@@ -107,6 +127,10 @@ impl Mount {
         }
         let truncates = req.size.is_some();
         let attr = self.meta.call(req).await?;
+        if truncates {
+            // The kernel trims its own cache on truncate: what it keeps is this version.
+            self.note_cached_version(&attr);
+        }
         if let Some(state) = state
             && truncates
         {
@@ -218,9 +242,12 @@ impl Mount {
             state.writer.lock().await.first_piece = Some(first);
         }
         let fh = self.new_handle(attr.ino, &state);
+        // A new file has no cached pages; an existing one keeps them if unchanged.
+        let keep_cache = self.note_cached_version(&attr) && !created.created;
         Ok(OpenedFile {
             fh,
             attr: self.visible(attr),
+            keep_cache,
         })
     }
 
@@ -234,9 +261,13 @@ impl Mount {
             cache.reset(size, opened.chunks);
         }
         let fh = self.new_handle(ino, &state);
+        // Close-to-open: the cache survives only if nobody changed the file since it was filled
+        // (this mount's own uncommitted writes are in the cache, so a dirty file keeps it too).
+        let keep_cache = self.note_cached_version(&opened.attr) || state.is_dirty();
         Ok(OpenedFile {
             fh,
             attr: self.visible(opened.attr),
+            keep_cache,
         })
     }
 
@@ -291,6 +322,8 @@ impl Mount {
             };
             match self.meta.call(request).await {
                 Ok(attr) => {
+                    // The page cache holds what was just written: that is this version.
+                    self.note_cached_version(&attr);
                     w.dirty = false;
                     w.end = 0;
                     state.mark_clean();
