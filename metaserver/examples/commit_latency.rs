@@ -115,6 +115,7 @@ fn main() {
                     len: 4096,
                 }],
                 min_size: 4096 + i as u64 % 2,
+                attrs: Default::default(),
             })
             .await
             .unwrap();

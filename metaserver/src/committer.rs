@@ -23,13 +23,18 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Starts the commit thread. `on_commit` sees the effects of each durable transaction.
-    pub fn start(db: Arc<Database>, on_commit: impl Fn(Effects) + Send + 'static) -> Self {
+    /// Starts the commit thread. `on_commit` sees the effects of each durable transaction;
+    /// `may_delete` says whether an inode losing its last link can be deleted at once.
+    pub fn start(
+        db: Arc<Database>,
+        on_commit: impl Fn(Effects) + Send + 'static,
+        may_delete: impl Fn(u64) -> bool + Send + Sync + 'static,
+    ) -> Self {
         let (jobs, rx) = channel::<Job>();
         std::thread::Builder::new()
             .name("committer".into())
             .spawn(move || {
-                let run = std::panic::AssertUnwindSafe(|| commit_loop(&db, rx, &on_commit));
+                let run = std::panic::AssertUnwindSafe(|| commit_loop(&db, rx, &on_commit, &may_delete));
                 if std::panic::catch_unwind(run).is_err() {
                     // State on disk is consistent; a restart is safer than limping on read-only.
                     tracing::error!("commit thread panicked; aborting so the metaserver restarts");
@@ -62,7 +67,12 @@ impl Committer {
     }
 }
 
-fn commit_loop(db: &Database, rx: Receiver<Job>, on_commit: &dyn Fn(Effects)) {
+fn commit_loop(
+    db: &Database,
+    rx: Receiver<Job>,
+    on_commit: &dyn Fn(Effects),
+    may_delete: &(dyn Fn(u64) -> bool + Sync),
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -71,7 +81,7 @@ fn commit_loop(db: &Database, rx: Receiver<Job>, on_commit: &dyn Fn(Effects)) {
                 Err(_) => break,
             }
         }
-        let (responders, outcome) = run_batch(db, batch);
+        let (responders, outcome) = run_batch(db, batch, may_delete);
         let (result, effects) = match outcome {
             Ok(effects) => (Ok(()), Some(effects)),
             Err(e) => {
@@ -90,12 +100,16 @@ fn commit_loop(db: &Database, rx: Receiver<Job>, on_commit: &dyn Fn(Effects)) {
 
 /// Applies a batch in one transaction. Jobs of a batch whose transaction cannot even start are
 /// dropped, which their callers see as a failed commit.
-fn run_batch(db: &Database, batch: Vec<Job>) -> (Vec<Responder>, Result<Effects>) {
+fn run_batch(
+    db: &Database,
+    batch: Vec<Job>,
+    may_delete: &(dyn Fn(u64) -> bool + Sync),
+) -> (Vec<Responder>, Result<Effects>) {
     let txn = match db.begin_write() {
         Ok(t) => t,
         Err(e) => return (Vec::new(), Err(e.into())),
     };
-    let mut ctx = match WriteCtx::open(&txn) {
+    let mut ctx = match WriteCtx::open_with(&txn, may_delete) {
         Ok(c) => c,
         Err(e) => return (Vec::new(), Err(e)),
     };
@@ -118,7 +132,7 @@ mod tests {
     async fn concurrent_writes_all_land() {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(crate::db::open(&dir.path().join("m.redb"), 1 << 20).unwrap());
-        let committer = Committer::start(db.clone(), |_| {});
+        let committer = Committer::start(db.clone(), |_| {}, |_| false);
         let mut tasks = vec![];
         for _ in 0..200 {
             let c = committer.clone();
@@ -146,7 +160,7 @@ mod tests {
     async fn failed_operation_does_not_fail_its_batch() {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(crate::db::open(&dir.path().join("m.redb"), 1 << 20).unwrap());
-        let committer = Committer::start(db, |_| {});
+        let committer = Committer::start(db, |_| {}, |_| false);
         let bad = committer.write(|_| Err::<(), _>(crate::error::not_found("x")));
         let good = committer.write(|ctx| {
             ctx.meta.insert("ok", 1)?;

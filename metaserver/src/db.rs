@@ -69,14 +69,24 @@ pub struct WriteCtx<'t> {
     pub node_pieces: Table<'t, (u32, u64), (u64, u64, u64)>,
     pub deletes: Table<'t, (u32, u64), ()>,
     pub orphans: Table<'t, u64, ()>,
+    pub sessions: Table<'t, u64, ()>,
     pub nodes: Table<'t, u32, &'static [u8]>,
     pub meta: Table<'t, &'static str, u64>,
     pub effects: Effects,
     pub now: Timestamp,
+    /// Whether an inode that just lost its last link may go at once (no mount has it open).
+    pub may_delete: &'t (dyn Fn(u64) -> bool + Sync),
 }
+
+/// Without knowledge of open files, every unlinked inode waits as an orphan.
+static KEEP_ORPHANS: fn(u64) -> bool = |_| false;
 
 impl<'t> WriteCtx<'t> {
     pub fn open(txn: &'t WriteTransaction) -> Result<Self> {
+        Self::open_with(txn, &KEEP_ORPHANS)
+    }
+
+    pub fn open_with(txn: &'t WriteTransaction, may_delete: &'t (dyn Fn(u64) -> bool + Sync)) -> Result<Self> {
         Ok(WriteCtx {
             inodes: txn.open_table(INODES)?,
             dirents: txn.open_table(DIRENTS)?,
@@ -84,10 +94,12 @@ impl<'t> WriteCtx<'t> {
             node_pieces: txn.open_table(NODE_PIECES)?,
             deletes: txn.open_table(DELETES)?,
             orphans: txn.open_table(ORPHANS)?,
+            sessions: txn.open_table(SESSIONS)?,
             nodes: txn.open_table(NODES)?,
             meta: txn.open_table(META)?,
             effects: Effects::default(),
             now: Timestamp::now(),
+            may_delete,
         })
     }
 
@@ -123,6 +135,7 @@ pub struct ReadCtx {
     pub node_pieces: ReadOnlyTable<(u32, u64), (u64, u64, u64)>,
     pub deletes: ReadOnlyTable<(u32, u64), ()>,
     pub orphans: ReadOnlyTable<u64, ()>,
+    pub sessions: ReadOnlyTable<u64, ()>,
     pub nodes: ReadOnlyTable<u32, &'static [u8]>,
     pub meta: ReadOnlyTable<&'static str, u64>,
 }
@@ -136,6 +149,7 @@ impl ReadCtx {
             node_pieces: txn.open_table(NODE_PIECES)?,
             deletes: txn.open_table(DELETES)?,
             orphans: txn.open_table(ORPHANS)?,
+            sessions: txn.open_table(SESSIONS)?,
             nodes: txn.open_table(NODES)?,
             meta: txn.open_table(META)?,
         })

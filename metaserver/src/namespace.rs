@@ -9,7 +9,7 @@
 use std::ops::Bound;
 
 use dfs_proto::ErrorKind;
-use dfs_proto::meta::{DirEntry, DirPage, RenameMode, SetAttr, TimeSet, WrittenPiece};
+use dfs_proto::meta::{AttrChanges, DirEntry, DirPage, RenameMode, SetAttr, TimeSet, WrittenPiece};
 use dfs_proto::names::{MAX_SYMLINK_LEN, validate_name};
 use dfs_proto::types::{Attr, FileKind, Ino, NodeId, ROOT_INO};
 use redb::ReadableTable;
@@ -250,16 +250,28 @@ pub fn create_file(
     Ok((rec.attr(ino), true))
 }
 
-/// Removes one link; an inode left without links becomes an orphan for the reaper.
+/// Removes one link. An inode left without links is deleted at once if no mount has it open,
+/// else it becomes an orphan that the reaper deletes after its last close.
 fn drop_link(ctx: &mut WriteCtx<'_>, ino: Ino, mut rec: InodeRecord) -> Result<()> {
     rec.nlink = rec.nlink.saturating_sub(1);
     rec.ctime = ctx.now;
-    if rec.nlink == 0 {
-        ctx.orphans.insert(ino, ())?;
-        ctx.effects.orphaned = true;
-        ctx.add_counter(counter_for(rec.kind), -1)?;
+    if rec.nlink > 0 {
+        return ctx.put_inode(ino, &rec);
     }
+    ctx.add_counter(counter_for(rec.kind), -1)?;
+    if (ctx.may_delete)(ino) {
+        return delete_inode(ctx, ino, rec);
+    }
+    ctx.orphans.insert(ino, ())?;
+    ctx.effects.orphaned = true;
     ctx.put_inode(ino, &rec)
+}
+
+/// Deletes an inode without links and queues its pieces for deletion.
+fn delete_inode(ctx: &mut WriteCtx<'_>, ino: Ino, mut rec: InodeRecord) -> Result<()> {
+    remove_chunks_from(ctx, ino, &mut rec, 0)?;
+    ctx.inodes.remove(ino)?;
+    Ok(())
 }
 
 pub fn unlink(ctx: &mut WriteCtx<'_>, parent: Ino, name: &[u8]) -> Result<()> {
@@ -518,6 +530,30 @@ fn truncate(ctx: &mut WriteCtx<'_>, ino: Ino, rec: &mut InodeRecord, size: u64, 
     Ok(())
 }
 
+/// Applies attribute changes; true if anything was set.
+fn apply_changes(rec: &mut InodeRecord, c: &AttrChanges, now: dfs_proto::types::Timestamp) -> bool {
+    let resolve = |t: TimeSet| match t {
+        TimeSet::Now => now,
+        TimeSet::At(ts) => ts,
+    };
+    if let Some(perm) = c.perm {
+        rec.perm = perm & 0o7777;
+    }
+    if let Some(uid) = c.uid {
+        rec.uid = uid;
+    }
+    if let Some(gid) = c.gid {
+        rec.gid = gid;
+    }
+    if let Some(t) = c.atime {
+        rec.atime = resolve(t);
+    }
+    if let Some(t) = c.mtime {
+        rec.mtime = resolve(t);
+    }
+    !c.is_empty()
+}
+
 pub fn set_attr(ctx: &mut WriteCtx<'_>, req: &SetAttr, chunk_size: u64) -> Result<Attr> {
     let ino = req.ino;
     let mut rec = inode(ctx, ino)?;
@@ -534,18 +570,6 @@ pub fn set_attr(ctx: &mut WriteCtx<'_>, req: &SetAttr, chunk_size: u64) -> Resul
         }
     }
     let mut changed = false;
-    if let Some(perm) = req.perm {
-        rec.perm = perm & 0o7777;
-        changed = true;
-    }
-    if let Some(uid) = req.uid {
-        rec.uid = uid;
-        changed = true;
-    }
-    if let Some(gid) = req.gid {
-        rec.gid = gid;
-        changed = true;
-    }
     if let Some(size) = req.size {
         if size != rec.size {
             truncate(ctx, ino, &mut rec, size, chunk_size)?;
@@ -553,18 +577,7 @@ pub fn set_attr(ctx: &mut WriteCtx<'_>, req: &SetAttr, chunk_size: u64) -> Resul
         }
         changed = true;
     }
-    let resolve = |t: TimeSet, now| match t {
-        TimeSet::Now => now,
-        TimeSet::At(ts) => ts,
-    };
-    if let Some(t) = req.atime {
-        rec.atime = resolve(t, ctx.now);
-        changed = true;
-    }
-    if let Some(t) = req.mtime {
-        rec.mtime = resolve(t, ctx.now);
-        changed = true;
-    }
+    changed |= apply_changes(&mut rec, &req.changes, ctx.now);
     if let Some(c) = req.ctime {
         rec.ctime = c;
     } else if changed {
@@ -580,6 +593,7 @@ pub fn commit_write(
     ino: Ino,
     pieces: &[WrittenPiece],
     min_size: u64,
+    attrs: &AttrChanges,
     chunk_size: u64,
 ) -> Result<Attr> {
     for p in pieces {
@@ -623,6 +637,8 @@ pub fn commit_write(
     rec.size = rec.size.max(min_size);
     rec.mtime = ctx.now;
     rec.ctime = ctx.now;
+    // Changes made after the writes (utimens by tar or cp -p, chmod...) come last.
+    apply_changes(&mut rec, attrs, ctx.now);
     ctx.put_inode(ino, &rec)?;
     Ok(rec.attr(ino))
 }
@@ -630,15 +646,10 @@ pub fn commit_write(
 /// Deletes an orphaned inode and queues its pieces for deletion.
 pub fn reap_orphan(ctx: &mut WriteCtx<'_>, ino: Ino) -> Result<()> {
     ctx.orphans.remove(ino)?;
-    let Some(mut rec) = get_inode(&ctx.inodes, ino)? else {
-        return Ok(());
-    };
-    if rec.nlink > 0 {
-        return Ok(());
+    match get_inode(&ctx.inodes, ino)? {
+        Some(rec) if rec.nlink == 0 => delete_inode(ctx, ino, rec),
+        _ => Ok(()),
     }
-    remove_chunks_from(ctx, ino, &mut rec, 0)?;
-    ctx.inodes.remove(ino)?;
-    Ok(())
 }
 
 /// Records a storage daemon by name; returns its id (stable across restarts).
@@ -792,8 +803,17 @@ mod tests {
     fn unlink_orphans_and_reap_queues_deletes() {
         let f = Fixture::new();
         let file = f.mk(ROOT_INO, "f", FileKind::RegularFile);
-        f.write(|c| commit_write(c, file, &[piece(0, 10, 100), piece(1, 11, 50)], CS + 50, CS))
-            .unwrap();
+        f.write(|c| {
+            commit_write(
+                c,
+                file,
+                &[piece(0, 10, 100), piece(1, 11, 50)],
+                CS + 50,
+                &AttrChanges::default(),
+                CS,
+            )
+        })
+        .unwrap();
         assert_eq!(get_attr(&f.read(), file).unwrap().stored_bytes, 150);
         f.write(|c| unlink(c, ROOT_INO, b"f")).unwrap();
         let r = f.read();
@@ -809,6 +829,26 @@ mod tests {
     }
 
     #[test]
+    fn unlinking_a_closed_file_deletes_it_in_the_same_transaction() {
+        let f = Fixture::new();
+        let file = f.mk(ROOT_INO, "f", FileKind::RegularFile);
+        f.write(|c| commit_write(c, file, &[piece(0, 10, 100)], 100, &AttrChanges::default(), CS))
+            .unwrap();
+        let txn = f.db.begin_write().unwrap();
+        {
+            let closed = |_| true;
+            let mut ctx = WriteCtx::open_with(&txn, &closed).unwrap();
+            unlink(&mut ctx, ROOT_INO, b"f").unwrap();
+            assert!(!ctx.effects.orphaned);
+        }
+        txn.commit().unwrap();
+        let r = f.read();
+        assert!(r.orphans.get(file).unwrap().is_none());
+        assert_eq!(f.kind_of(get_attr(&r, file)), ErrorKind::NotFound);
+        assert!(r.deletes.get((1, 10)).unwrap().is_some());
+    }
+
+    #[test]
     fn commit_replaces_pieces_and_truncate_clamps() {
         let f = Fixture::new();
         let file = f.mk(ROOT_INO, "f", FileKind::RegularFile);
@@ -818,11 +858,13 @@ mod tests {
                 file,
                 &[piece(0, 1, CS), piece(1, 2, CS), piece(2, 3, 10)],
                 2 * CS + 10,
+                &AttrChanges::default(),
                 CS,
             )
         })
         .unwrap();
-        f.write(|c| commit_write(c, file, &[piece(1, 4, CS)], 0, CS)).unwrap();
+        f.write(|c| commit_write(c, file, &[piece(1, 4, CS)], 0, &AttrChanges::default(), CS))
+            .unwrap();
         let r = f.read();
         assert_eq!(get_attr(&r, file).unwrap().size, 2 * CS + 10);
         assert!(r.deletes.get((1, 2)).unwrap().is_some());
@@ -831,6 +873,15 @@ mod tests {
             size: Some(CS + 5),
             ..Default::default()
         };
+        // Changes carried by a commit land after the commit's own mtime update.
+        let at = dfs_proto::types::Timestamp { secs: 1234, nanos: 5 };
+        let changes = AttrChanges {
+            perm: Some(0o600),
+            mtime: Some(TimeSet::At(at)),
+            ..Default::default()
+        };
+        let attr = f.write(|c| commit_write(c, file, &[], 0, &changes, CS)).unwrap();
+        assert_eq!((attr.perm, attr.mtime), (0o600, at));
         let attr = f.write(|c| set_attr(c, &set, CS)).unwrap();
         assert_eq!(attr.size, CS + 5);
         assert_eq!(attr.stored_bytes, CS + 5);
@@ -840,7 +891,7 @@ mod tests {
         assert_eq!(chunks[1].1.len, 5);
         assert!(r.deletes.get((1, 3)).unwrap().is_some());
         // Commit to a vanished inode queues its pieces for deletion.
-        let gone = f.write(|c| commit_write(c, 999, &[piece(0, 77, 1)], 1, CS));
+        let gone = f.write(|c| commit_write(c, 999, &[piece(0, 77, 1)], 1, &AttrChanges::default(), CS));
         assert_eq!(f.kind_of(gone), ErrorKind::NotFound);
         assert!(f.read().deletes.get((1, 77)).unwrap().is_some());
     }
@@ -928,8 +979,11 @@ mod tests {
                 c,
                 &SetAttr {
                     ino: d,
-                    perm: Some(0o2775),
-                    gid: Some(42),
+                    changes: AttrChanges {
+                        perm: Some(0o2775),
+                        gid: Some(42),
+                        ..Default::default()
+                    },
                     ..Default::default()
                 },
                 CS,

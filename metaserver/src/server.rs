@@ -65,6 +65,7 @@ async fn handle_stream(svc: Arc<MetaService>, mut send: SendStream, mut recv: Re
     let sent = match request {
         MetaRequest::OpenSession(r) => answer!(s, remote, OpenSession, svc.open_session(r).await),
         MetaRequest::KeepAlive(r) => answer!(s, remote, KeepAlive, svc.keep_alive(r).await),
+        MetaRequest::CloseSession(r) => answer!(s, remote, CloseSession, svc.close_session(r).await),
         MetaRequest::Lookup(r) => answer!(s, remote, Lookup, svc.lookup(r).await),
         MetaRequest::GetAttr(r) => answer!(s, remote, GetAttr, svc.get_attr(r).await),
         MetaRequest::ReadDir(r) => answer!(s, remote, ReadDir, svc.read_dir(r).await),

@@ -40,15 +40,11 @@ pub struct MetaService {
     db: Arc<Database>,
     committer: Committer,
     registry: Arc<Mutex<Registry>>,
-    sessions: Mutex<Sessions>,
+    sessions: Arc<Mutex<Sessions>>,
     piece_ids: tokio::sync::Mutex<(PieceId, PieceId)>,
     inventories: Mutex<HashMap<NodeId, HashSet<PieceId>>>,
     reaper: Arc<Notify>,
     settings: Settings,
-    started: Instant,
-    /// Orphans that existed when the metaserver started: mounts may still hold them open and
-    /// get one session timeout to say so.
-    inherited_orphans: Mutex<HashSet<Ino>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -85,34 +81,53 @@ impl MetaService {
             registry.add_referenced(key.value().0, 1, value.value().2);
         }
         let limit = get_counter(&r.meta, keys::PIECE_ID_LIMIT)?;
-        let mut inherited_orphans = HashSet::new();
-        for item in r.orphans.iter()? {
-            inherited_orphans.insert(item?.0.value());
+        let mut stored_sessions = HashSet::new();
+        for item in r.sessions.iter()? {
+            stored_sessions.insert(item?.0.value());
         }
         drop(r);
+        if !stored_sessions.is_empty() {
+            tracing::info!(
+                "waiting for {} mount sessions from before the restart to resume before deleting unlinked files",
+                stored_sessions.len()
+            );
+        }
         let registry = Arc::new(Mutex::new(registry));
+        let started = Instant::now();
+        let sessions = Arc::new(Mutex::new(Sessions::new(
+            settings.session_timeout,
+            stored_sessions,
+            started,
+        )));
         let reaper = Arc::new(Notify::new());
         let committer = {
             let registry = registry.clone();
             let reaper = reaper.clone();
-            Committer::start(db.clone(), move |effects| {
-                lock(&registry).apply(&effects);
-                if effects.orphaned {
-                    reaper.notify_one();
-                }
-            })
+            let sessions = sessions.clone();
+            Committer::start(
+                db.clone(),
+                move |effects| {
+                    lock(&registry).apply(&effects);
+                    if effects.orphaned {
+                        reaper.notify_one();
+                    }
+                },
+                // Just after a restart, open files are not known until mounts resume.
+                move |ino| {
+                    let sessions = lock(&sessions);
+                    sessions.settled(Instant::now()) && !sessions.is_open(ino)
+                },
+            )
         };
         Ok(Arc::new(MetaService {
             db,
             committer,
             registry,
-            sessions: Mutex::new(Sessions::new(settings.session_timeout)),
+            sessions,
             piece_ids: tokio::sync::Mutex::new((limit, limit)),
             inventories: Mutex::new(HashMap::new()),
             reaper,
             settings,
-            started: Instant::now(),
-            inherited_orphans: Mutex::new(inherited_orphans),
         }))
     }
 
@@ -206,18 +221,40 @@ impl MetaService {
     // Sessions
 
     pub async fn open_session(&self, req: OpenSession) -> Result<SessionInfo> {
-        let session =
-            lock(&self.sessions).open_session(req.client.clone(), req.resume, &req.open_files, Instant::now());
+        let opened = lock(&self.sessions).open_session(req.client.clone(), req.resume, &req.open_files, Instant::now());
+        // Stored before answering: after a crash, this mount is awaited.
+        self.write(move |ctx| {
+            if let Some(old) = opened.replaces {
+                ctx.sessions.remove(old)?;
+            }
+            ctx.sessions.insert(opened.session, ())?;
+            Ok(())
+        })
+        .await?;
         tracing::info!(
-            "session {session} opened by {} ({} open files)",
+            "session {} opened by {} ({} open files)",
+            opened.session,
             req.client,
             req.open_files.len()
         );
         Ok(SessionInfo {
-            session,
+            session: opened.session,
             chunk_size: self.settings.chunk_size,
             keepalive_ms: (self.settings.session_timeout.as_millis() / 4).max(200) as u32,
         })
+    }
+
+    pub async fn close_session(&self, req: CloseSession) -> Result<()> {
+        if lock(&self.sessions).close_session(req.session) {
+            tracing::info!("session {} closed", req.session);
+            self.reaper.notify_one();
+        }
+        let id = req.session;
+        self.write(move |ctx| {
+            ctx.sessions.remove(id)?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn keep_alive(&self, req: KeepAlive) -> Result<()> {
@@ -432,7 +469,7 @@ impl MetaService {
 
     pub async fn commit_write(&self, req: CommitWrite) -> Result<Attr> {
         let chunk_size = self.settings.chunk_size;
-        self.write(move |ctx| namespace::commit_write(ctx, req.ino, &req.pieces, req.min_size, chunk_size))
+        self.write(move |ctx| namespace::commit_write(ctx, req.ino, &req.pieces, req.min_size, &req.attrs, chunk_size))
             .await
     }
 
@@ -613,8 +650,23 @@ impl MetaService {
     /// Expires sessions, logs daemons going up or down and reaps orphaned files no longer open.
     pub async fn housekeeping(&self) {
         let now = Instant::now();
-        for (id, client) in lock(&self.sessions).expire(now) {
-            tracing::warn!("session {id} of {client} expired: its open files are released");
+        let expired = lock(&self.sessions).expire(now);
+        if !expired.is_empty() {
+            for (id, client) in &expired {
+                tracing::warn!("session {id} of {client} expired: its open files are released");
+            }
+            let ids: Vec<u64> = expired.iter().map(|(id, _)| *id).collect();
+            if let Err(e) = self
+                .write(move |ctx| {
+                    for id in ids {
+                        ctx.sessions.remove(id)?;
+                    }
+                    Ok(())
+                })
+                .await
+            {
+                tracing::error!("cannot forget expired sessions: {e}");
+            }
         }
         {
             let mut registry = lock(&self.registry);
@@ -633,10 +685,9 @@ impl MetaService {
                 }
             }
         }
-        // After a restart, mounts need one session timeout to re-declare their open files.
-        let in_grace = now.saturating_duration_since(self.started) < self.settings.session_timeout;
-        if !in_grace {
-            lock(&self.inherited_orphans).clear();
+        // After a restart, mounts that had sessions re-declare their open files first.
+        if !lock(&self.sessions).settled(now) {
+            return;
         }
         let orphans = self
             .read(|r| {
@@ -656,11 +707,7 @@ impl MetaService {
         };
         let closed: Vec<Ino> = {
             let sessions = lock(&self.sessions);
-            let inherited = lock(&self.inherited_orphans);
-            orphans
-                .into_iter()
-                .filter(|ino| !sessions.is_open(*ino) && !inherited.contains(ino))
-                .collect()
+            orphans.into_iter().filter(|ino| !sessions.is_open(*ino)).collect()
         };
         if closed.is_empty() {
             return;

@@ -1,10 +1,12 @@
 //! Mount sessions and the files they hold open.
 //!
 //! A file whose last link is removed while open stays (as an orphan) until no session has it
-//! open. Sessions are kept in memory: after a metaserver restart, mounts resume and re-declare
-//! their open files, and the reaper waits one session timeout before reaping anything.
+//! open. Open files are kept in memory; the ids of live sessions are also stored, so that after
+//! a metaserver restart it knows which mounts must resume (re-declaring their open files) before
+//! anything unlinked may be deleted. Until they all have, or the session timeout has passed, the
+//! sessions are *unsettled*.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dfs_proto::types::{Ino, SessionId};
@@ -22,10 +24,22 @@ pub struct Sessions {
     sessions: HashMap<SessionId, Session>,
     open_counts: HashMap<Ino, u32>,
     timeout: Duration,
+    /// Sessions alive before the metaserver started that have not resumed yet.
+    awaiting: HashSet<SessionId>,
+    started: Instant,
+}
+
+/// What opening a session changed, for the persistent list of live sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    pub session: SessionId,
+    /// A stored session this one replaces.
+    pub replaces: Option<SessionId>,
 }
 
 impl Sessions {
-    pub fn new(timeout: Duration) -> Self {
+    /// `awaiting`: sessions stored by the previous run of the metaserver.
+    pub fn new(timeout: Duration, awaiting: HashSet<SessionId>, now: Instant) -> Self {
         // Ids from a previous run of the metaserver must not collide with new ones.
         let seed = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -36,7 +50,15 @@ impl Sessions {
             sessions: HashMap::new(),
             open_counts: HashMap::new(),
             timeout,
+            awaiting,
+            started: now,
         }
+    }
+
+    /// Whether every mount that had files open before a restart has come back (or had its
+    /// chance): only then may files without links be deleted.
+    pub fn settled(&self, now: Instant) -> bool {
+        self.awaiting.is_empty() || now.saturating_duration_since(self.started) >= self.timeout
     }
 
     pub fn timeout(&self) -> Duration {
@@ -58,15 +80,17 @@ impl Sessions {
         resume: Option<SessionId>,
         open_files: &[(Ino, u32)],
         now: Instant,
-    ) -> SessionId {
-        let id = match resume {
+    ) -> Opened {
+        let (id, replaces) = match resume {
             Some(id) if self.sessions.contains_key(&id) => {
                 self.drop_session(id);
-                id
+                (id, None)
             }
-            _ => {
+            other => {
                 self.next_id += 1;
-                self.next_id
+                // A mount from before a restart is back.
+                let replaces = other.filter(|old| self.awaiting.remove(old));
+                (self.next_id, replaces.or(other))
             }
         };
         let mut session = Session {
@@ -81,7 +105,12 @@ impl Sessions {
             }
         }
         self.sessions.insert(id, session);
-        id
+        Opened { session: id, replaces }
+    }
+
+    /// Ends a session at the mount's request.
+    pub fn close_session(&mut self, id: SessionId) -> bool {
+        self.drop_session(id).is_some()
     }
 
     fn drop_session(&mut self, id: SessionId) -> Option<Session> {
@@ -148,8 +177,13 @@ impl Sessions {
         self.open_counts.contains_key(&ino)
     }
 
-    /// Ends sessions not renewed within the timeout; returns (id, client) of each.
+    /// Ends sessions not renewed within the timeout; returns (id, client) of each. Sessions
+    /// awaited since a restart that did not come back are returned too (with client "?").
     pub fn expire(&mut self, now: Instant) -> Vec<(SessionId, String)> {
+        let mut gone: Vec<(SessionId, String)> = Vec::new();
+        if now.saturating_duration_since(self.started) >= self.timeout {
+            gone.extend(self.awaiting.drain().map(|id| (id, "?".to_owned())));
+        }
         let timeout = self.timeout;
         let dead: Vec<SessionId> = self
             .sessions
@@ -157,9 +191,11 @@ impl Sessions {
             .filter(|(_, s)| now.saturating_duration_since(s.last_seen) > timeout)
             .map(|(&id, _)| id)
             .collect();
-        dead.into_iter()
-            .filter_map(|id| self.drop_session(id).map(|s| (id, s.client)))
-            .collect()
+        gone.extend(
+            dead.into_iter()
+                .filter_map(|id| self.drop_session(id).map(|s| (id, s.client))),
+        );
+        gone
     }
 }
 
@@ -170,9 +206,9 @@ mod tests {
     #[test]
     fn opens_are_counted_across_sessions() {
         let now = Instant::now();
-        let mut s = Sessions::new(Duration::from_secs(10));
-        let a = s.open_session("a".into(), None, &[], now);
-        let b = s.open_session("b".into(), None, &[], now);
+        let mut s = Sessions::new(Duration::from_secs(10), HashSet::new(), now);
+        let a = s.open_session("a".into(), None, &[], now).session;
+        let b = s.open_session("b".into(), None, &[], now).session;
         assert!(s.open(a, 7, now));
         assert!(s.open(b, 7, now));
         assert!(!s.release(a, 7, now));
@@ -185,17 +221,37 @@ mod tests {
     #[test]
     fn expiry_releases_opens_and_resume_restores_them() {
         let now = Instant::now();
-        let mut s = Sessions::new(Duration::from_secs(10));
-        let a = s.open_session("a".into(), None, &[], now);
+        let mut s = Sessions::new(Duration::from_secs(10), HashSet::new(), now);
+        let a = s.open_session("a".into(), None, &[], now).session;
         s.open(a, 1, now);
         let later = now + Duration::from_secs(11);
         assert_eq!(s.expire(later).len(), 1);
         assert!(!s.is_open(1));
-        let a2 = s.open_session("a".into(), Some(a), &[(1, 2)], later);
+        let a2 = s.open_session("a".into(), Some(a), &[(1, 2)], later).session;
         assert_ne!(a, a2, "an expired session is not resumed");
         assert!(s.is_open(1));
-        let a3 = s.open_session("a".into(), Some(a2), &[(1, 1)], later);
+        let a3 = s.open_session("a".into(), Some(a2), &[(1, 1)], later).session;
         assert_eq!(a2, a3);
         assert!(!s.release(a3, 1, later) || !s.is_open(1));
+    }
+
+    #[test]
+    fn unsettled_until_every_stored_session_resumes() {
+        let now = Instant::now();
+        let mut s = Sessions::new(Duration::from_secs(10), HashSet::from([7, 8]), now);
+        assert!(!s.settled(now));
+        let o = s.open_session("a".into(), Some(7), &[(42, 1)], now);
+        assert_eq!(o.replaces, Some(7));
+        assert!(s.is_open(42));
+        assert!(!s.settled(now));
+        s.open_session("b".into(), Some(8), &[], now);
+        assert!(s.settled(now));
+        let mut t = Sessions::new(Duration::from_secs(10), HashSet::from([9]), now);
+        assert!(
+            t.settled(now + Duration::from_secs(11)),
+            "a mount that never returns stops blocking"
+        );
+        assert_eq!(t.expire(now + Duration::from_secs(11)), vec![(9, "?".to_owned())]);
+        assert!(Sessions::new(Duration::from_secs(10), HashSet::new(), now).settled(now));
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use dfs_proto::meta::{MakeNode, Rename, RenameMode, SetAttr, TimeSet};
+use dfs_proto::meta::{AttrChanges, MakeNode, Rename, RenameMode, SetAttr, TimeSet};
 use dfs_proto::types::{Attr, FileKind};
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
@@ -178,7 +178,7 @@ impl Filesystem for DfsFs {
 
     fn setattr(
         &self,
-        req: &Request,
+        _req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -197,14 +197,15 @@ impl Filesystem for DfsFs {
         let (m, ttl) = (self.mount.clone(), self.attr_ttl);
         let request = SetAttr {
             ino: ino.0,
-            perm: mode.map(|m| m & 0o7777),
-            uid,
-            gid,
+            changes: AttrChanges {
+                perm: mode.map(|m| m & 0o7777),
+                uid,
+                gid,
+                atime: atime.map(time_set),
+                mtime: mtime.map(time_set),
+            },
             size,
-            atime: atime.map(time_set),
-            mtime: mtime.map(time_set),
             ctime: ctime.map(Into::into),
-            caller_uid: req.uid(),
         };
         self.run("setattr", async move { m.setattr(request).await }, move |r| match r {
             Ok(a) => reply.attr(&ttl, &file_attr(&a)),

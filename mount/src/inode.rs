@@ -12,7 +12,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use bytes::Bytes;
-use dfs_proto::meta::{Allocation, CHUNK_WINDOW, ChunkLocation, WrittenPiece};
+use dfs_proto::meta::{Allocation, AttrChanges, CHUNK_WINDOW, ChunkLocation, TimeSet, WrittenPiece};
+use dfs_proto::types::Attr;
 use dfs_proto::types::Ino;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -146,6 +147,10 @@ pub struct InodeState {
     /// Quick view of uncommitted growth for getattr, without taking the lock.
     dirty: AtomicBool,
     dirty_end: AtomicU64,
+    /// Attribute changes made while writes were pending: they travel with the commit.
+    held_attrs: std::sync::Mutex<AttrChanges>,
+    /// The attributes last received from the metaserver.
+    last_attr: std::sync::Mutex<Option<Attr>>,
     pub cache: tokio::sync::Mutex<Cached>,
     pub writer: tokio::sync::Mutex<Writer>,
 }
@@ -157,6 +162,8 @@ impl InodeState {
             handles: AtomicU32::new(0),
             dirty: AtomicBool::new(false),
             dirty_end: AtomicU64::new(0),
+            held_attrs: std::sync::Mutex::new(AttrChanges::default()),
+            last_attr: std::sync::Mutex::new(None),
             cache: tokio::sync::Mutex::new(Cached::default()),
             writer: tokio::sync::Mutex::new(Writer::default()),
         }
@@ -165,6 +172,61 @@ impl InodeState {
     pub fn mark_dirty(&self, end: u64) {
         self.dirty_end.fetch_max(end, Ordering::AcqRel);
         self.dirty.store(true, Ordering::Release);
+    }
+
+    /// Holds back attribute changes until the pending writes are committed.
+    pub fn hold_attrs(&self, changes: &AttrChanges) {
+        let mut c = *changes;
+        // "Now" is the moment of the call, not of the commit.
+        let now = TimeSet::At(dfs_proto::types::Timestamp::now());
+        c.atime = c.atime.map(|t| if t == TimeSet::Now { now } else { t });
+        c.mtime = c.mtime.map(|t| if t == TimeSet::Now { now } else { t });
+        self.held_attrs.lock().expect("held attrs").merge(&c);
+    }
+
+    /// A write after a held-back mtime change makes the file's mtime the write's.
+    pub fn written(&self) {
+        self.held_attrs.lock().expect("held attrs").mtime = None;
+    }
+
+    pub fn take_held_attrs(&self) -> AttrChanges {
+        std::mem::take(&mut *self.held_attrs.lock().expect("held attrs"))
+    }
+
+    /// Puts back changes whose commit failed (changes made since take precedence).
+    pub fn restore_held_attrs(&self, earlier: AttrChanges) {
+        let mut held = self.held_attrs.lock().expect("held attrs");
+        let mut merged = earlier;
+        merged.merge(&held);
+        *held = merged;
+    }
+
+    pub fn remember(&self, attr: &Attr) {
+        *self.last_attr.lock().expect("last attr") = Some(*attr);
+    }
+
+    pub fn last_attr(&self) -> Option<Attr> {
+        *self.last_attr.lock().expect("last attr")
+    }
+
+    /// Attributes as an application on this mount should see them: uncommitted growth and
+    /// held-back changes included.
+    pub fn overlay(&self, mut attr: Attr) -> Attr {
+        if !self.is_dirty() {
+            return attr;
+        }
+        attr.size = attr.size.max(self.dirty_end.load(Ordering::Acquire));
+        let held = *self.held_attrs.lock().expect("held attrs");
+        let at = |t: TimeSet, old| match t {
+            TimeSet::At(ts) => ts,
+            TimeSet::Now => old,
+        };
+        attr.perm = held.perm.map(|p| p & 0o7777).unwrap_or(attr.perm);
+        attr.uid = held.uid.unwrap_or(attr.uid);
+        attr.gid = held.gid.unwrap_or(attr.gid);
+        attr.atime = held.atime.map(|t| at(t, attr.atime)).unwrap_or(attr.atime);
+        attr.mtime = held.mtime.map(|t| at(t, attr.mtime)).unwrap_or(attr.mtime);
+        attr
     }
 
     pub fn mark_clean(&self) {

@@ -233,8 +233,12 @@ fn serve(config: &Config, tls: &TlsIdentity, mountpoint: &Path, ready: &mut Read
                     }
                 }
                 let _ = tokio::time::timeout(Duration::from_secs(5), &mut ended_rx).await;
+                mount.meta.close_session().await;
             }
-            _ = &mut ended_rx => tracing::info!("{} was unmounted", mountpoint.display()),
+            _ = &mut ended_rx => {
+                tracing::info!("{} was unmounted", mountpoint.display());
+                mount.meta.close_session().await;
+            }
         }
     });
     if fuse_thread.is_finished()

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use dfs_proto::meta::{KeepAlive, OpenSession, Release, SessionInfo};
+use dfs_proto::meta::{CloseSession, KeepAlive, OpenSession, Release, SessionInfo};
 use dfs_proto::types::{Ino, SessionId};
 use dfs_proto::{Call, ErrorKind, Peer, RpcError};
 
@@ -97,6 +97,16 @@ impl MetaClient {
                 self.call(make(fresh)).await
             }
             other => other,
+        }
+    }
+
+    /// Ends the session (at unmount): the metaserver need not wait for this mount after a restart.
+    pub async fn close_session(&self) {
+        let id = *self.session.lock().await;
+        if let Some(session) = id {
+            if let Err(e) = self.call(CloseSession { session }).await {
+                tracing::warn!("cannot close session {session} with metaserver: {e}");
+            }
         }
     }
 

@@ -98,12 +98,16 @@ impl Mount {
             .clone()
     }
 
-    /// Attributes as this mount should report them (uncommitted growth included).
-    fn visible(&self, mut attr: Attr) -> Attr {
-        if let Some(state) = self.state(attr.ino) {
-            attr.size = state.visible_size(attr.size);
+    /// Attributes as this mount should report them (uncommitted writes and held-back
+    /// attribute changes included).
+    fn visible(&self, attr: Attr) -> Attr {
+        match self.state(attr.ino) {
+            Some(state) => {
+                state.remember(&attr);
+                state.overlay(attr)
+            }
+            None => attr,
         }
-        attr
     }
 
     // ------------------------------------------------------------------------------------------
@@ -122,6 +126,20 @@ impl Mount {
         let ino = req.ino;
         let state = self.state(ino);
         if let Some(state) = &state {
+            if req.size.is_none() && req.ctime.is_none() {
+                // A file being written: like the writes, the change is committed at close or
+                // fsync (tar and cp -p set times and modes on files they are writing).
+                let writer = state.writer.lock().await;
+                if writer.dirty && writer.error.is_none() {
+                    state.hold_attrs(&req.changes);
+                    drop(writer);
+                    let attr = match state.last_attr() {
+                        Some(a) => a,
+                        None => self.meta.call(GetAttr { ino }).await?,
+                    };
+                    return Ok(self.visible(attr));
+                }
+            }
             // Queued writes land first, so a truncate or utimens applies after them.
             self.flush_inode(state).await?;
         }
@@ -131,12 +149,12 @@ impl Mount {
             // The kernel trims its own cache on truncate: what it keeps is this version.
             self.note_cached_version(&attr);
         }
-        if let Some(state) = state
-            && truncates
-        {
-            let mut cache = state.cache.lock().await;
-            cache.size = attr.size;
-            cache.invalidate();
+        if let Some(state) = state {
+            if truncates {
+                let mut cache = state.cache.lock().await;
+                cache.size = attr.size;
+                cache.invalidate();
+            }
         }
         Ok(self.visible(attr))
     }
@@ -315,15 +333,18 @@ impl Mount {
         let failure = w.error.take();
         if w.dirty {
             let pieces = std::mem::take(&mut w.done);
+            let attrs = state.take_held_attrs();
             let request = CommitWrite {
                 ino: state.ino,
                 pieces: pieces.clone(),
                 min_size: w.end,
+                attrs,
             };
             match self.meta.call(request).await {
                 Ok(attr) => {
                     // The page cache holds what was just written: that is this version.
                     self.note_cached_version(&attr);
+                    state.remember(&attr);
                     w.dirty = false;
                     w.end = 0;
                     state.mark_clean();
@@ -334,6 +355,7 @@ impl Mount {
                 Err(e) => {
                     // Durable pieces stay queued: the next flush commits them again.
                     w.done = pieces;
+                    state.restore_held_attrs(attrs);
                     let e = FsError::from(e);
                     tracing::warn!("inode {}: cannot commit written data: {e}", state.ino);
                     return Err(failure.unwrap_or(e));
@@ -373,6 +395,7 @@ impl Mount {
                 return Err(e);
             }
             pos += n;
+            state.written();
             w.dirty = true;
             w.end = w.end.max(at + n as u64);
             state.mark_dirty(at + n as u64);
@@ -384,6 +407,7 @@ impl Mount {
                 ino,
                 pieces: done.clone(),
                 min_size: 0,
+                attrs: Default::default(),
             };
             match self.meta.call(request).await {
                 Ok(_) => state.cache.lock().await.invalidate(),

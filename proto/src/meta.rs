@@ -10,6 +10,7 @@ service! {
     MetaRequest {
         OpenSession => SessionInfo,
         KeepAlive => (),
+        CloseSession => (),
         Lookup => Attr,
         GetAttr => Attr,
         ReadDir => DirPage,
@@ -56,6 +57,12 @@ pub struct SessionInfo {
 /// Renews a session. Fails with `ErrorKind::Stale` if the metaserver no longer knows it.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct KeepAlive {
+    pub session: SessionId,
+}
+
+/// Ends a session (a clean unmount): its open files are released at once.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct CloseSession {
     pub session: SessionId,
 }
 
@@ -157,18 +164,38 @@ pub enum TimeSet {
     At(Timestamp),
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone, Default)]
-pub struct SetAttr {
-    pub ino: Ino,
+/// Attribute changes other than size; also carried by a `CommitWrite` when a mount held them
+/// back while the file had uncommitted writes.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttrChanges {
     pub perm: Option<u32>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
-    pub size: Option<u64>,
     pub atime: Option<TimeSet>,
     pub mtime: Option<TimeSet>,
+}
+
+impl AttrChanges {
+    pub fn is_empty(&self) -> bool {
+        *self == AttrChanges::default()
+    }
+
+    /// Later changes override earlier ones, field by field.
+    pub fn merge(&mut self, later: &AttrChanges) {
+        self.perm = later.perm.or(self.perm);
+        self.uid = later.uid.or(self.uid);
+        self.gid = later.gid.or(self.gid);
+        self.atime = later.atime.or(self.atime);
+        self.mtime = later.mtime.or(self.mtime);
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct SetAttr {
+    pub ino: Ino,
+    pub changes: AttrChanges,
+    pub size: Option<u64>,
     pub ctime: Option<Timestamp>,
-    /// Whether the caller is privileged (root): unprivileged chown clears setuid/setgid.
-    pub caller_uid: u32,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -276,6 +303,8 @@ pub struct CommitWrite {
     pub pieces: Vec<WrittenPiece>,
     /// The file is at least this long afterwards.
     pub min_size: u64,
+    /// Attribute changes made while the writes were pending, applied after them.
+    pub attrs: AttrChanges,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]

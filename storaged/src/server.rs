@@ -105,19 +105,22 @@ async fn read_header(
     Ok(true)
 }
 
+/// A piece up to this size is gathered in memory and written, made durable and put into place
+/// in one step once the stream ends (small files: one trip to the blocking pool, not three).
+const GATHER_LIMIT: usize = 256 << 10;
+
 async fn receive_piece(
     store: Arc<PieceStore>,
     req: WritePiece,
     recv: &mut RecvStream,
 ) -> Result<PieceWritten, RemoteError> {
     let piece = req.piece;
-    let s = store.clone();
-    let writer = spawn_blocking(move || s.begin_write(req.piece, req.base))
-        .await
-        .map_err(join_error)?
-        .map_err(store_error)?;
-    let mut idle: Option<PieceWriter> = Some(writer);
+    let mut gathered: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut gathered_bytes = 0usize;
+    // Once streaming, the writer travels through the blocking pool: the task writing the last
+    // segment hands it back.
     let mut busy: Option<JoinHandle<Result<PieceWriter, StoreError>>> = None;
+    let mut streaming = false;
     let mut header = [0u8; SegmentHeader::SIZE];
     while read_header(recv, &mut header, piece).await? {
         let seg = SegmentHeader::decode(&header).map_err(|e| protocol_error(piece, e))?;
@@ -127,25 +130,54 @@ async fn receive_piece(
             Ok(Err(e)) => return Err(protocol_error(piece, format!("segment truncated: {e}"))),
             Ok(Ok(())) => {}
         }
+        if !streaming {
+            gathered_bytes += data.len();
+            gathered.push((seg.offset, data));
+            if gathered_bytes <= GATHER_LIMIT {
+                continue;
+            }
+            // Too big to gather: start the piece with what came so far, then stream the rest.
+            streaming = true;
+            let (s, base, pending) = (store.clone(), req.base, std::mem::take(&mut gathered));
+            busy = Some(spawn_blocking(move || {
+                let mut writer = s.begin_write(piece, base)?;
+                for (offset, data) in pending {
+                    writer.write_at(offset, &data)?;
+                }
+                Ok(writer)
+            }));
+            continue;
+        }
         // Wait for the previous disk write only now, so the network read overlapped it.
-        let mut writer = match busy.take() {
-            Some(h) => h.await.map_err(join_error)?.map_err(store_error)?,
-            None => idle.take().expect("writer is idle or busy"),
-        };
+        let mut writer = settle(busy.take()).await?;
         busy = Some(spawn_blocking(move || {
             writer.write_at(seg.offset, &data)?;
             Ok(writer)
         }));
     }
-    let writer = match busy.take() {
-        Some(h) => h.await.map_err(join_error)?.map_err(store_error)?,
-        None => idle.take().expect("writer is idle or busy"),
+    let len = if streaming {
+        let writer = settle(busy.take()).await?;
+        spawn_blocking(move || writer.commit()).await
+    } else {
+        let base = req.base;
+        spawn_blocking(move || {
+            let mut writer = store.begin_write(piece, base)?;
+            for (offset, data) in gathered {
+                writer.write_at(offset, &data)?;
+            }
+            writer.commit()
+        })
+        .await
     };
-    let len = spawn_blocking(move || writer.commit())
+    let len = len.map_err(join_error)?.map_err(store_error)?;
+    Ok(PieceWritten { len })
+}
+
+async fn settle(task: Option<JoinHandle<Result<PieceWriter, StoreError>>>) -> Result<PieceWriter, RemoteError> {
+    task.expect("a streaming piece always has a writer in flight")
         .await
         .map_err(join_error)?
-        .map_err(store_error)?;
-    Ok(PieceWritten { len })
+        .map_err(store_error)
 }
 
 async fn send_range(store: Arc<PieceStore>, req: ReadPiece, send: &mut SendStream, remote: SocketAddr) {

@@ -2,7 +2,11 @@
 //!
 //! All functions here block; the server calls them from tokio's blocking pool.
 //! A write is visible (and acknowledged) only once it is durable: data written to a temporary
-//! file, the file fsync'd, renamed into place, and the directory fsync'd.
+//! file, the file fsync'd, linked (or renamed) into place, and the directory fsync'd.
+//!
+//! Temporary files are unnamed (`O_TMPFILE`) where the file system supports it: they have no
+//! directory entry until they are complete, and an abandoned write leaves nothing behind.
+//! Elsewhere they are named files in the `tmp/` tree (which also keeps to the fanout).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind};
@@ -71,6 +75,8 @@ struct Counters {
 pub struct PieceStore {
     layout: Layout,
     capacity_limit: u64,
+    /// Whether temporary files can be unnamed (O_TMPFILE) on this file system.
+    unnamed_temps: bool,
     next_temp: AtomicU64,
     counters: Mutex<Counters>,
     // Held for the life of the store: a second daemon on the same directory is refused.
@@ -81,6 +87,10 @@ impl PieceStore {
     /// Opens (creating if needed) a data directory, removes leftovers of interrupted writes and
     /// counts what is stored.
     pub fn open(root: &Path, fanout: u32, capacity_limit: u64) -> Result<Self, StoreError> {
+        Self::open_with(root, fanout, capacity_limit, true)
+    }
+
+    fn open_with(root: &Path, fanout: u32, capacity_limit: u64, allow_unnamed: bool) -> Result<Self, StoreError> {
         fs::create_dir_all(root).map_err(io_err("create", root))?;
         let layout = Layout::new(root, fanout);
         let lock_path = root.join(LOCK_FILE);
@@ -102,9 +112,17 @@ impl PieceStore {
             fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
         }
         sync_dir(root)?;
+        let unnamed_temps = match probe_unnamed_temps(root) {
+            Ok(()) => allow_unnamed,
+            Err(e) => {
+                tracing::info!("{}: no O_TMPFILE ({e}); using named temporary files", root.display());
+                false
+            }
+        };
         let store = PieceStore {
             layout,
             capacity_limit,
+            unnamed_temps,
             next_temp: AtomicU64::new(0),
             counters: Mutex::new(Counters::default()),
             _lock: lock,
@@ -140,20 +158,29 @@ impl PieceStore {
 
     /// Starts writing a new piece, optionally as a copy of an existing one.
     pub fn begin_write(self: &Arc<Self>, piece: PieceId, base: Option<BasePiece>) -> Result<PieceWriter, StoreError> {
-        let n = self.next_temp.fetch_add(1, Ordering::Relaxed);
-        let tmp_path = self.layout.temp_path(n);
-        ensure_parent(&tmp_path, false)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&tmp_path)
-            .map_err(io_err("create", &tmp_path))?;
+        let (file, temp) = if self.unnamed_temps {
+            let root = self.layout.root();
+            (
+                open_unnamed(root).map_err(io_err("create temporary file in", root))?,
+                Temp::Unnamed,
+            )
+        } else {
+            let n = self.next_temp.fetch_add(1, Ordering::Relaxed);
+            let tmp_path = self.layout.temp_path(n);
+            ensure_parent(&tmp_path, false)?;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&tmp_path)
+                .map_err(io_err("create", &tmp_path))?;
+            (file, Temp::Named(tmp_path))
+        };
         let mut writer = PieceWriter {
             store: self.clone(),
             piece,
             file,
-            tmp_path,
+            temp,
             len: 0,
             committed: false,
         };
@@ -296,12 +323,20 @@ impl PieceStore {
     }
 }
 
-/// A piece being written into a temporary file; removed unless committed.
+/// Where an uncommitted piece's bytes live.
+enum Temp {
+    /// An O_TMPFILE inode: it has no name until linked into place, and vanishes if abandoned.
+    Unnamed,
+    /// A named file in the `tmp/` tree.
+    Named(PathBuf),
+}
+
+/// A piece being written into a temporary file; discarded unless committed.
 pub struct PieceWriter {
     store: Arc<PieceStore>,
     piece: PieceId,
     file: File,
-    tmp_path: PathBuf,
+    temp: Temp,
     len: u64,
     committed: bool,
 }
@@ -357,7 +392,7 @@ impl PieceWriter {
                 reason: e.to_string(),
             }
         } else {
-            io_err(op, &self.tmp_path)(e)
+            io_err(op, &self.store.layout.piece_path(self.piece))(e)
         }
     }
 
@@ -390,31 +425,88 @@ impl PieceWriter {
         self.file.sync_all().map_err(|e| self.map_write_error("fsync", e))?;
         let final_path = self.store.layout.piece_path(self.piece);
         let replaced = fs::metadata(&final_path).ok().map(|m| m.len());
-        // A concurrent delete may prune the directory between creating and renaming: retry.
+        // A concurrent delete may prune the directory between creating and linking: retry.
         let mut attempts = 0;
         loop {
             ensure_parent(&final_path, true)?;
-            match fs::rename(&self.tmp_path, &final_path) {
+            let placed = match &self.temp {
+                Temp::Unnamed => link_into_place(&self.file, &final_path),
+                Temp::Named(tmp) => fs::rename(tmp, &final_path),
+            };
+            match placed {
                 Ok(()) => break,
                 Err(e) if e.kind() == ErrorKind::NotFound && attempts < 5 => attempts += 1,
-                Err(e) => return Err(io_err("rename into place", &final_path)(e)),
+                Err(e) => return Err(io_err("put into place", &final_path)(e)),
             }
         }
         self.committed = true;
         sync_dir(final_path.parent().expect("piece has a parent"))?;
         self.store.account_new_piece(self.len, replaced);
-        prune_empty_parents(&self.tmp_path, &self.store.layout.tmp_dir());
+        if let Temp::Named(tmp) = &self.temp {
+            prune_empty_parents(tmp, &self.store.layout.tmp_dir());
+        }
         Ok(self.len)
     }
 }
 
 impl Drop for PieceWriter {
     fn drop(&mut self) {
-        if !self.committed {
-            let _ = fs::remove_file(&self.tmp_path);
-            prune_empty_parents(&self.tmp_path, &self.store.layout.tmp_dir());
+        if let (false, Temp::Named(tmp)) = (self.committed, &self.temp) {
+            let _ = fs::remove_file(tmp);
+            prune_empty_parents(tmp, &self.store.layout.tmp_dir());
         }
     }
+}
+
+/// Opens an unnamed temporary file on the file system of `dir`.
+fn open_unnamed(dir: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o644)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+}
+
+/// Gives an unnamed temporary file its final name (replacing a leftover of the same piece).
+fn link_into_place(file: &File, path: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).expect("no NUL");
+    let to = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
+    for _ in 0..2 {
+        // SAFETY: valid NUL-terminated paths; AT_SYMLINK_FOLLOW resolves the /proc link to the
+        // open file (no capability needed, unlike AT_EMPTY_PATH).
+        let rc = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != ErrorKind::AlreadyExists {
+            return Err(e);
+        }
+        // A rewrite of the same piece id (a retried write): the new content wins.
+        fs::remove_file(path)?;
+    }
+    Err(io::Error::from(ErrorKind::AlreadyExists))
+}
+
+/// Checks that unnamed temporary files can be created and linked here.
+fn probe_unnamed_temps(root: &Path) -> io::Result<()> {
+    let file = open_unnamed(root)?;
+    let probe = root.join(".tmpfile-probe");
+    let _ = fs::remove_file(&probe);
+    link_into_place(&file, &probe)?;
+    fs::remove_file(&probe)
 }
 
 /// Creates the parent directories of `path`; with `durable`, fsyncs the parent of each new one.
@@ -539,6 +631,12 @@ mod tests {
         drop(w);
         assert_eq!(fs::read_dir(store.layout().tmp_dir()).unwrap().count(), 0);
         assert!(store.inventory().unwrap().is_empty());
+        assert_eq!(crate::layout::LOCK_FILE, "lock");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 3, "only pieces/, tmp/ and the lock file: {names:?}");
     }
 
     #[test]
@@ -562,6 +660,42 @@ mod tests {
         let inv = store.inventory().unwrap();
         assert_eq!(inv.len(), 2000);
         assert_eq!(inv[0].piece, 8);
+    }
+
+    #[test]
+    fn named_temporary_files_work_where_o_tmpfile_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(PieceStore::open_with(dir.path(), 36, 0, false).unwrap());
+        assert!(!store.unnamed_temps);
+        let mut w = store.begin_write(5, None).unwrap();
+        w.write_at(0, b"named").unwrap();
+        assert_eq!(count_entries(&store.layout().tmp_dir()), 1);
+        w.commit().unwrap();
+        assert_eq!(count_entries(&store.layout().tmp_dir()), 0, "temporaries are pruned");
+        let mut buf = [0u8; 8];
+        let n = store.read(5, 0, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"named");
+        let mut w = store.begin_write(6, None).unwrap();
+        w.write_at(0, b"abandoned").unwrap();
+        drop(w);
+        assert_eq!(count_entries(&store.layout().tmp_dir()), 0);
+    }
+
+    /// Files (not directories) anywhere under `dir`.
+    fn count_entries(dir: &Path) -> usize {
+        let mut n = 0;
+        let mut stack = vec![dir.to_owned()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(e.path());
+                } else {
+                    n += 1;
+                }
+            }
+        }
+        n
     }
 
     #[test]

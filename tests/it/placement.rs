@@ -90,3 +90,43 @@ fn no_directory_exceeds_the_fanout_and_deletes_free_pieces() {
         );
     }
 }
+
+#[test]
+fn an_unlinked_file_keeps_its_data_until_its_last_close() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut cluster = Cluster::start(2);
+    let mnt = cluster.mount();
+    let body = dfs_tests::data::bytes(100_000, 3);
+    std::fs::write(mnt.join("doomed"), &body).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mnt.join("doomed"))
+        .unwrap();
+    std::fs::remove_file(mnt.join("doomed")).unwrap();
+    assert!(!mnt.join("doomed").exists());
+    std::thread::sleep(Duration::from_millis(1500));
+    // Still readable and writable through the open descriptor.
+    let mut back = Vec::new();
+    f.read_to_end(&mut back).unwrap();
+    assert_eq!(back, body);
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.write_all(b"rewritten").unwrap();
+    f.sync_all().unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    let mut head = [0u8; 9];
+    f.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"rewritten");
+    let report = cluster.status();
+    assert_eq!(report.orphaned_files, 1);
+    assert!(report.nodes.iter().map(|n| n.referenced_pieces).sum::<u64>() >= 1);
+    drop(f);
+    wait_until(
+        "the closed orphan's pieces to be deleted",
+        Duration::from_secs(20),
+        || {
+            let r = cluster.status();
+            r.orphaned_files == 0 && r.pending_deletes == 0 && r.nodes.iter().map(|n| n.usage.pieces).sum::<u64>() == 0
+        },
+    );
+}
