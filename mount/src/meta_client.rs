@@ -103,10 +103,10 @@ impl MetaClient {
     /// Ends the session (at unmount): the metaserver need not wait for this mount after a restart.
     pub async fn close_session(&self) {
         let id = *self.session.lock().await;
-        if let Some(session) = id {
-            if let Err(e) = self.call(CloseSession { session }).await {
-                tracing::warn!("cannot close session {session} with metaserver: {e}");
-            }
+        if let Some(session) = id
+            && let Err(e) = self.call(CloseSession { session }).await
+        {
+            tracing::warn!("cannot close session {session} with metaserver: {e}");
         }
     }
 

@@ -149,12 +149,12 @@ impl Mount {
             // The kernel trims its own cache on truncate: what it keeps is this version.
             self.note_cached_version(&attr);
         }
-        if let Some(state) = state {
-            if truncates {
-                let mut cache = state.cache.lock().await;
-                cache.size = attr.size;
-                cache.invalidate();
-            }
+        if let Some(state) = state
+            && truncates
+        {
+            let mut cache = state.cache.lock().await;
+            cache.size = attr.size;
+            cache.invalidate();
         }
         Ok(self.visible(attr))
     }
