@@ -54,21 +54,31 @@ fn unescape_mountinfo(field: &str) -> PathBuf {
     PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
-/// The filesystem type mounted exactly at `path` (e.g. `fuse.dfs`), if any.
-pub fn mounted_fs_type(path: &Path) -> Option<String> {
+/// The file system type and source mounted exactly at `path` (e.g. `fuse`, `dfs`), if any.
+pub fn mounted_fs(path: &Path) -> Option<(String, String)> {
     let want = path.canonicalize().unwrap_or_else(|_| path.to_owned());
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     // Later lines are newer mounts: the last match is what the path shows.
     info.lines().rev().find_map(|line| {
         let fields: Vec<&str> = line.split(' ').collect();
         let sep = fields.iter().position(|f| *f == "-")?;
-        (unescape_mountinfo(fields.get(4)?) == want).then(|| fields.get(sep + 1).map(|s| s.to_string()))?
+        if unescape_mountinfo(fields.get(4)?) != want {
+            return None;
+        }
+        let fs_type = fields.get(sep + 1)?.to_string();
+        let source = fields.get(sep + 2).map(|s| s.to_string()).unwrap_or_default();
+        Some((fs_type, source))
     })
 }
 
-/// Whether a dfs filesystem is mounted at `path`.
+/// The file system type mounted exactly at `path`, if any.
+pub fn mounted_fs_type(path: &Path) -> Option<String> {
+    mounted_fs(path).map(|(fs_type, _)| fs_type)
+}
+
+/// Whether a dfs file system (FUSE, source `dfs`) is mounted at `path`.
 pub fn is_dfs_mounted(path: &Path) -> bool {
-    mounted_fs_type(path).is_some_and(|t| t == "fuse.dfs" || t == "fuse")
+    mounted_fs(path).is_some_and(|(fs_type, source)| fs_type.starts_with("fuse") && source == "dfs")
 }
 
 /// Unmounts `path`; with `lazy`, detaches even if busy (or its daemon is gone).

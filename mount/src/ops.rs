@@ -564,46 +564,56 @@ impl Mount {
         if offset >= end {
             return Ok(Vec::new());
         }
-        let mut buf = vec![0u8; (end - offset) as usize];
+        let mut out = Vec::with_capacity((end - offset) as usize);
         for (i, loc) in locations.iter().enumerate() {
             let chunk = first + i as u64;
             let chunk_start = chunk * cs;
             let a = offset.max(chunk_start);
             let b = end.min(chunk_start + cs);
-            let Some(loc) = loc else { continue }; // a hole: zeros
-            let valid_end = b.min(chunk_start + loc.len);
-            if a >= valid_end {
+            if a >= b {
                 continue;
             }
-            if !loc.node.up {
-                state.cache.lock().await.invalidate();
-                return Err(storage_down(ino, loc));
-            }
-            let dst = &mut buf[(a - offset) as usize..(valid_end - offset) as usize];
-            let got = match self
-                .storage
-                .read(&loc.node, loc.piece, a - chunk_start, dst, self.timeouts.request)
-                .await
-            {
-                Ok(n) => n,
-                Err(e) => {
-                    // Next time, ask the metaserver where (and whether) the data lives.
-                    state.cache.lock().await.invalidate();
-                    let e = FsError::new(e.errno, format!("inode {ino}: {}", e.message));
-                    return Err(e);
-                }
+            // Bytes of this chunk the piece holds; holes and the rest of the range read as zeros.
+            let valid_end = match loc {
+                Some(loc) => b.min(chunk_start + loc.len),
+                None => a,
             };
-            if got < dst.len() {
-                tracing::warn!(
-                    "inode {ino}: piece {} on {} is shorter than recorded ({} of {} bytes); the rest reads as zeros",
-                    loc.piece,
-                    loc.node,
-                    got,
-                    dst.len()
-                );
+            if let Some(loc) = loc.as_ref().filter(|_| a < valid_end) {
+                if !loc.node.up {
+                    state.cache.lock().await.invalidate();
+                    return Err(storage_down(ino, loc));
+                }
+                let want = (valid_end - a) as usize;
+                let got = self
+                    .storage
+                    .read_into(
+                        &loc.node,
+                        loc.piece,
+                        a - chunk_start,
+                        want,
+                        &mut out,
+                        self.timeouts.request,
+                    )
+                    .await;
+                let got = match got {
+                    Ok(n) => n,
+                    Err(e) => {
+                        // Next time, ask the metaserver where (and whether) the data lives.
+                        state.cache.lock().await.invalidate();
+                        return Err(FsError::new(e.errno, format!("inode {ino}: {}", e.message)));
+                    }
+                };
+                if got < want {
+                    tracing::warn!(
+                        "inode {ino}: piece {} on {} is shorter than recorded ({got} of {want} bytes); the rest reads as zeros",
+                        loc.piece,
+                        loc.node
+                    );
+                }
             }
+            out.resize((b - offset) as usize, 0);
         }
-        Ok(buf)
+        Ok(out)
     }
 
     // ------------------------------------------------------------------------------------------

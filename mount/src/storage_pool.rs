@@ -47,13 +47,15 @@ impl StoragePool {
         }
     }
 
-    /// Reads `buf.len()` bytes of `piece` at `offset` from `node`; returns how many it holds there.
-    pub async fn read(
+    /// Appends to `out` up to `len` bytes of `piece` at `offset` from `node`; returns how many
+    /// it holds there (fewer if the piece ends first).
+    pub async fn read_into(
         &self,
         node: &NodeAddr,
         piece: PieceId,
         offset: u64,
-        buf: &mut [u8],
+        len: usize,
+        out: &mut Vec<u8>,
         timeout: Duration,
     ) -> FsResult<usize> {
         let peer = self.peer(node);
@@ -63,7 +65,7 @@ impl StoragePool {
             let request = ReadPiece {
                 piece,
                 offset,
-                len: buf.len() as u32,
+                len: len as u32,
             };
             let result = async {
                 frame::write_frame(&mut send, &request.into_envelope())
@@ -74,14 +76,27 @@ impl StoragePool {
                     .await
                     .map_err(|e| peer.frame_error(ReadPiece::NAME, e))?;
                 let n = reply.map_err(|e| peer.remote(e))?.len as usize;
-                if n > buf.len() {
-                    return Err(
-                        peer.transport(ReadPiece::NAME, format!("sent {n} bytes for a {}-byte read", buf.len()))
-                    );
+                if n > len {
+                    return Err(peer.transport(ReadPiece::NAME, format!("sent {n} bytes for a {len}-byte read")));
                 }
-                recv.read_exact(&mut buf[..n])
-                    .await
-                    .map_err(|e| peer.transport(ReadPiece::NAME, format!("read of piece {piece} cut short: {e}")))?;
+                // Appended straight from quinn's buffers: no zero-filled staging copy.
+                let mut left = n;
+                while left > 0 {
+                    match recv.read_chunk(left, true).await {
+                        Ok(Some(chunk)) => {
+                            left -= chunk.bytes.len();
+                            out.extend_from_slice(&chunk.bytes);
+                        }
+                        Ok(None) => {
+                            let short = format!("read of piece {piece} cut short: {left} of {n} bytes missing");
+                            return Err(peer.transport(ReadPiece::NAME, short));
+                        }
+                        Err(e) => {
+                            let short = format!("read of piece {piece} cut short: {e}");
+                            return Err(peer.transport(ReadPiece::NAME, short));
+                        }
+                    }
+                }
                 Ok(n)
             }
             .await;

@@ -103,3 +103,44 @@ fn directories_and_a_thousand_file_tree() {
     run(Command::new("rm").arg("-rf").arg(mnt.join("tree")));
     assert!(std::fs::read_dir(&mnt).unwrap().next().is_none());
 }
+
+#[test]
+fn sparse_writes_beyond_four_gib_and_holes_read_as_zeros() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+    let mut cluster = Cluster::start(2);
+    let mnt = cluster.mount();
+    let path = mnt.join("sparse");
+    let far = 5u64 << 30;
+    {
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(b"head").unwrap();
+        f.seek(SeekFrom::Start(far)).unwrap();
+        f.write_all(b"tail beyond 4 GiB").unwrap();
+    }
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.len(), far + 17);
+    assert!(
+        meta.blocks() * 512 < 1 << 20,
+        "holes take no space: {} blocks",
+        meta.blocks()
+    );
+    let mut f = std::fs::File::open(&path).unwrap();
+    let mut buf = vec![0xffu8; 1 << 20];
+    f.seek(SeekFrom::Start(far - (1 << 20))).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0), "a hole must read as zeros");
+    let mut tail = String::new();
+    f.read_to_string(&mut tail).unwrap();
+    assert_eq!(tail, "tail beyond 4 GiB");
+    f.seek(SeekFrom::Start(0)).unwrap();
+    let mut head = [0u8; 8];
+    f.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"head\0\0\0\0");
+    // Truncating down and up again leaves zeros where the data was.
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(2).unwrap();
+    f.set_len(10).unwrap();
+    drop(f);
+    assert_eq!(std::fs::read(&path).unwrap(), b"he\0\0\0\0\0\0\0\0");
+}

@@ -66,6 +66,35 @@ fn peers_without_a_cluster_certificate_are_refused() {
         "refusals are logged:\n{logs}"
     );
 
+    // No client certificate at all (the cluster CA is trusted, so only the server can object).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut roots = rustls::RootCertStore::empty();
+        let ca_pem = std::fs::read(&cluster_ca).unwrap();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&ca_pem) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![dfs_proto::tls::ALPN.to_vec()];
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let endpoint = dfs_proto::endpoint::client(quinn::ClientConfig::new(std::sync::Arc::new(quic)), false).unwrap();
+        let t = Duration::from_secs(3);
+        let meta = Peer::new(endpoint, cluster.config.cluster.metaserver.clone(), "metaserver", t);
+        let err = meta
+            .call(ClusterStatus {}, t)
+            .await
+            .expect_err("a client without a certificate must be refused");
+        assert!(err.is_unavailable(), "{err}");
+    });
+
     // The other way round: a server with a foreign certificate is refused by a cluster client.
     let s = &cluster.config.storaged[0];
     let rt = tokio::runtime::Builder::new_current_thread()
