@@ -8,6 +8,7 @@ use dfs_proto::storage::Ping;
 use dfs_proto::tls::{TlsFiles, TlsIdentity};
 use dfs_proto::{Peer, RpcError};
 use dfs_tests::Cluster;
+use rustls::pki_types::pem::PemObject;
 
 /// Calls the metaserver and a storage daemon with the given identity.
 fn try_both(cluster: &Cluster, identity: &TlsIdentity) -> (Result<(), RpcError>, Result<(), RpcError>) {
