@@ -278,6 +278,19 @@ impl Config {
     }
 }
 
+/// Resolves a `host:port` listen address from the config or the command line.
+pub fn listen_addr(addr: &str) -> Result<std::net::SocketAddr, ConfigError> {
+    use std::net::ToSocketAddrs;
+    let invalid = |message: String| ConfigError::Invalid {
+        path: PathBuf::from("listen"),
+        message,
+    };
+    addr.to_socket_addrs()
+        .map_err(|e| invalid(format!("invalid listen address {addr:?}: {e}")))?
+        .next()
+        .ok_or_else(|| invalid(format!("listen address {addr:?} resolves to nothing")))
+}
+
 impl ClientConfig {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)

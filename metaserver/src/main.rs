@@ -1,4 +1,3 @@
-use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,12 +34,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(v) = args.db_dir {
         me.db_dir = v;
     }
-    let listen = me
-        .listen
-        .to_socket_addrs()
-        .with_context(|| format!("invalid listen address {:?}", me.listen))?
-        .next()
-        .with_context(|| format!("listen address {:?} resolves to nothing", me.listen))?;
+    let listen = dfs_common::config::listen_addr(&me.listen)?;
     let db_dir = config.resolve(&me.db_dir);
     std::fs::create_dir_all(&db_dir).with_context(|| format!("cannot create {}", db_dir.display()))?;
     let db_path = db_dir.join("meta.redb");

@@ -5,33 +5,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dfs_proto::meta::*;
-use dfs_proto::server::{read_request, reply, reply_error};
-use dfs_proto::{ErrorKind, RemoteError};
+use dfs_proto::server::{next_request, reply};
 use quinn::{Endpoint, RecvStream, SendStream};
 
 use crate::error::MetaError;
 use crate::service::MetaService;
 
-/// A client that opens a stream but does not send its request within this long is dropped.
-const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
 pub async fn serve(endpoint: Endpoint, svc: Arc<MetaService>) {
-    while let Some(incoming) = endpoint.accept().await {
-        let svc = svc.clone();
-        tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            let conn = match incoming.await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    dfs_proto::server::log_handshake_failure(remote, &e);
-                    return;
-                }
-            };
-            while let Ok((send, recv)) = conn.accept_bi().await {
-                tokio::spawn(handle_stream(svc.clone(), send, recv, remote));
-            }
-        });
-    }
+    dfs_proto::server::accept_streams(endpoint, move |send, recv, remote| {
+        handle_stream(svc.clone(), send, recv, remote)
+    })
+    .await
 }
 
 /// Answers a request with the handler's result, logging failures that are the metaserver's own.
@@ -49,15 +33,8 @@ macro_rules! answer {
 }
 
 async fn handle_stream(svc: Arc<MetaService>, mut send: SendStream, mut recv: RecvStream, remote: SocketAddr) {
-    let request = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_request::<MetaRequest>(&mut recv)).await {
-        Ok(Ok(Some(r))) => r,
-        Ok(Ok(None)) | Err(_) => return,
-        Ok(Err(e)) => {
-            tracing::warn!("bad request from {remote}: {e}");
-            let _ = reply_error(&mut send, RemoteError::new(ErrorKind::InvalidArgument, e.to_string())).await;
-            let _ = send.finish();
-            return;
-        }
+    let Some(request) = next_request::<MetaRequest>(&mut send, &mut recv, remote).await else {
+        return;
     };
     let started = std::time::Instant::now();
     let call = request.name();

@@ -1,15 +1,41 @@
 //! Server-side helpers: read a request envelope from a stream, write a typed answer.
 
-use quinn::{RecvStream, SendStream};
+use std::future::Future;
+use std::net::SocketAddr;
+
+use quinn::{Endpoint, RecvStream, SendStream};
 use serde::de::DeserializeOwned;
 
 use crate::call::Call;
 use crate::error::RemoteError;
 use crate::frame::{self, FrameError};
 
+/// A client that opens a stream but does not send its request within this long is dropped.
+pub const REQUEST_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Reads the request at the head of a stream.
 pub async fn read_request<E: DeserializeOwned>(recv: &mut RecvStream) -> Result<Option<E>, FrameError> {
     frame::read_frame_or_end(recv).await
+}
+
+/// Reads the request at the head of a stream within [`REQUEST_READ_TIMEOUT`]. A request that
+/// cannot be decoded is answered with an error (and logged); `None` means nothing to serve.
+pub async fn next_request<E: DeserializeOwned>(
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    remote: SocketAddr,
+) -> Option<E> {
+    match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_request::<E>(recv)).await {
+        Ok(Ok(request)) => request,
+        Err(_) => None,
+        Ok(Err(e)) => {
+            tracing::warn!("bad request from {remote}: {e}");
+            let error = RemoteError::new(crate::ErrorKind::InvalidArgument, e.to_string());
+            let _ = reply_error(send, error).await;
+            let _ = send.finish();
+            None
+        }
+    }
 }
 
 /// Writes the answer to a request of type `C`.
@@ -35,5 +61,30 @@ pub fn log_handshake_failure(remote: std::net::SocketAddr, error: &quinn::Connec
             tracing::warn!("refused connection from {remote}: {error}")
         }
         _ => tracing::debug!("connection from {remote} ended during its handshake: {error}"),
+    }
+}
+
+/// Accepts connections on `endpoint` for as long as it is open and runs `handle` for every
+/// request stream of every connection, each on its own task.
+pub async fn accept_streams<H, F>(endpoint: Endpoint, handle: H)
+where
+    H: Fn(SendStream, RecvStream, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    while let Some(incoming) = endpoint.accept().await {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    log_handshake_failure(remote, &e);
+                    return;
+                }
+            };
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                tokio::spawn(handle(send, recv, remote));
+            }
+        });
     }
 }

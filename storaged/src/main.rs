@@ -1,9 +1,8 @@
-use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Parser;
 use dfs_common::config::{Config, DEFAULT_PATH};
 use dfs_proto::Peer;
@@ -55,12 +54,7 @@ fn main() -> anyhow::Result<()> {
         }
         me.fanout = v;
     }
-    let listen = me
-        .listen
-        .to_socket_addrs()
-        .with_context(|| format!("invalid listen address {:?}", me.listen))?
-        .next()
-        .with_context(|| format!("listen address {:?} resolves to nothing", me.listen))?;
+    let listen = dfs_common::config::listen_addr(&me.listen)?;
     let data_dir = config.resolve(&me.data_dir);
     let tls = TlsIdentity::load(&config.tls_files(&me.cert, &me.key))?;
 

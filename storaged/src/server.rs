@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dfs_proto::server::{read_request, reply, reply_error};
+use dfs_proto::server::{next_request, reply};
 use dfs_proto::storage::Ping;
 use dfs_proto::storage::{MAX_READ, PieceWritten, ReadPiece, ReadReply, SegmentHeader, StorageRequest, WritePiece};
 use dfs_proto::{ErrorKind, RemoteError};
@@ -22,34 +22,15 @@ const READ_BLOCK: usize = 1 << 20;
 const READ_FAILED: VarInt = VarInt::from_u32(1);
 
 pub async fn serve(endpoint: Endpoint, store: Arc<PieceStore>) {
-    while let Some(incoming) = endpoint.accept().await {
-        let store = store.clone();
-        tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            let conn = match incoming.await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    dfs_proto::server::log_handshake_failure(remote, &e);
-                    return;
-                }
-            };
-            while let Ok((send, recv)) = conn.accept_bi().await {
-                tokio::spawn(handle_stream(store.clone(), send, recv, remote));
-            }
-        });
-    }
+    dfs_proto::server::accept_streams(endpoint, move |send, recv, remote| {
+        handle_stream(store.clone(), send, recv, remote)
+    })
+    .await
 }
 
 async fn handle_stream(store: Arc<PieceStore>, mut send: SendStream, mut recv: RecvStream, remote: SocketAddr) {
-    let request: StorageRequest = match read_request(&mut recv).await {
-        Ok(Some(r)) => r,
-        Ok(None) => return,
-        Err(e) => {
-            tracing::warn!("bad request from {remote}: {e}");
-            let _ = reply_error(&mut send, RemoteError::new(ErrorKind::InvalidArgument, e.to_string())).await;
-            let _ = send.finish();
-            return;
-        }
+    let Some(request) = next_request::<StorageRequest>(&mut send, &mut recv, remote).await else {
+        return;
     };
     let started = std::time::Instant::now();
     let call = request.name();
