@@ -218,6 +218,11 @@ impl Config {
             if m.heartbeat_timeout_ms < 500 {
                 return Err(self.invalid("metaserver.heartbeat_timeout_ms must be at least 500"));
             }
+            // A piece may sit written but uncommitted for as long as a mount keeps data back;
+            // collecting it sooner would lose acknowledged-to-be writes.
+            if m.orphan_piece_grace_secs < 60 {
+                return Err(self.invalid("metaserver.orphan_piece_grace_secs must be at least 60"));
+            }
         }
         let mut names = std::collections::HashSet::new();
         for s in &self.storaged {

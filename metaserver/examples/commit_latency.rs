@@ -92,6 +92,7 @@ fn main() {
                     gid: 0,
                     exclusive: true,
                     session,
+                    handle: i as u64,
                 })
                 .await;
             created.push(c);

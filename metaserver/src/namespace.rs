@@ -597,6 +597,17 @@ pub fn commit_write(
     chunk_size: u64,
 ) -> Result<Attr> {
     for p in pieces {
+        // A piece already queued for deletion (unreferenced for too long, or replaced since a
+        // first, unanswered attempt at this commit) must not be referenced again.
+        if ctx.deletes.get((p.node, p.piece))?.is_some() {
+            return Err(fs_err(
+                ErrorKind::Stale,
+                format!(
+                    "piece {} on node {} was deleted before it was committed",
+                    p.piece, p.node
+                ),
+            ));
+        }
         if p.len > chunk_size {
             return Err(fs_err(
                 ErrorKind::InvalidArgument,
@@ -890,6 +901,9 @@ mod tests {
         assert_eq!(chunks.len(), 2);
         assert_eq!(chunks[1].1.len, 5);
         assert!(r.deletes.get((1, 3)).unwrap().is_some());
+        // A piece queued for deletion cannot be committed (again).
+        let again = f.write(|c| commit_write(c, file, &[piece(2, 3, 10)], 0, &AttrChanges::default(), CS));
+        assert_eq!(f.kind_of(again), ErrorKind::Stale);
         // Commit to a vanished inode queues its pieces for deletion.
         let gone = f.write(|c| commit_write(c, 999, &[piece(0, 77, 1)], 1, &AttrChanges::default(), CS));
         assert_eq!(f.kind_of(gone), ErrorKind::NotFound);

@@ -268,11 +268,11 @@ impl Registry {
         self.nodes
             .values()
             .filter(|n| self.up(n, now))
-            .fold((0, 0, 0), |(cap, free, used), n| {
+            .fold((0u64, 0u64, 0u64), |(cap, free, used), n| {
                 (
-                    cap + n.usage.capacity_bytes,
-                    free + n.usage.free_bytes,
-                    used + n.usage.bytes,
+                    cap.saturating_add(n.usage.capacity_bytes),
+                    free.saturating_add(n.usage.free_bytes),
+                    used.saturating_add(n.usage.bytes),
                 )
             })
     }

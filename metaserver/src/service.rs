@@ -312,6 +312,7 @@ impl MetaService {
             return Err(stale_session(session));
         }
         let no_room = self.choose_node(&[]).await.err();
+        let sessions = self.sessions.clone();
         let (attr, created) = self
             .write(move |ctx| {
                 if let Some(reason) = no_room {
@@ -322,12 +323,15 @@ impl MetaService {
                         return Err(MetaError::fs(ErrorKind::NoSpace, reason.to_string()));
                     }
                 }
-                namespace::create_file(ctx, req.parent, &req.name, req.perm, req.uid, req.gid, req.exclusive)
+                let created =
+                    namespace::create_file(ctx, req.parent, &req.name, req.perm, req.uid, req.gid, req.exclusive)?;
+                // Registered in the same step as the create: no unlink can slip in between and
+                // delete the file as closed. (A session that expired meanwhile is re-declared by
+                // the mount when it resumes.)
+                lock(&sessions).open(session, req.handle, created.0.ino, Instant::now());
+                Ok(created)
             })
             .await?;
-        if !lock(&self.sessions).open(session, attr.ino, Instant::now()) {
-            return Err(stale_session(session));
-        }
         let first_piece = if created {
             self.allocate_new(0, &[]).await.ok()
         } else {
@@ -341,7 +345,7 @@ impl MetaService {
     }
 
     pub async fn open(&self, req: Open) -> Result<Opened> {
-        if !lock(&self.sessions).open(req.session, req.ino, Instant::now()) {
+        if !lock(&self.sessions).open(req.session, req.handle, req.ino, Instant::now()) {
             return Err(stale_session(req.session));
         }
         let ino = req.ino;
@@ -363,14 +367,14 @@ impl MetaService {
                 Ok(Opened { attr, chunks })
             }
             Err(e) => {
-                lock(&self.sessions).release(req.session, req.ino, Instant::now());
+                lock(&self.sessions).release(req.session, req.handle, Instant::now());
                 Err(e)
             }
         }
     }
 
     pub async fn release(&self, req: Release) -> Result<()> {
-        if lock(&self.sessions).release(req.session, req.ino, Instant::now()) {
+        if lock(&self.sessions).release(req.session, req.handle, Instant::now()) {
             // Possibly the last close of an unlinked file.
             self.reaper.notify_one();
         }
@@ -599,7 +603,7 @@ impl MetaService {
             })
             .await?;
         let grace = self.settings.orphan_piece_grace.as_secs();
-        let mut delete = Vec::new();
+        let mut unreferenced = Vec::new();
         {
             let registry = lock(&self.registry);
             let mut inventories = lock(&self.inventories);
@@ -607,10 +611,25 @@ impl MetaService {
             for (p, known, queued) in checked {
                 seen.insert(p.piece);
                 // Unreferenced and old enough that no client can still commit it.
-                if queued || (!known && !registry.is_pending(p.piece) && p.age_secs >= grace) {
-                    delete.push(p.piece);
+                if !queued && !known && !registry.is_pending(p.piece) && p.age_secs >= grace {
+                    unreferenced.push(p.piece);
                 }
             }
+        }
+        if !unreferenced.is_empty() {
+            tracing::info!(
+                "storage daemon {name} holds {} unreferenced pieces: queueing them for deletion",
+                unreferenced.len()
+            );
+            // Through the deletion queue, like any other: a late commit of one of them is then
+            // refused instead of referencing a deleted piece.
+            self.write(move |ctx| {
+                for piece in unreferenced {
+                    ctx.deletes.insert((node, piece), ())?;
+                }
+                Ok(())
+            })
+            .await?;
         }
         if req.last {
             let seen = lock(&self.inventories).remove(&node).unwrap_or_default();
@@ -635,13 +654,7 @@ impl MetaService {
                 );
             }
         }
-        if !delete.is_empty() {
-            tracing::info!(
-                "storage daemon {name} holds {} unreferenced pieces: asking it to delete them",
-                delete.len()
-            );
-        }
-        Ok(InventoryReply { delete })
+        Ok(InventoryReply {})
     }
 
     // ------------------------------------------------------------------------------------------

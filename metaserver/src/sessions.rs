@@ -9,13 +9,15 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use dfs_proto::types::{Ino, SessionId};
+use dfs_proto::types::{HandleId, Ino, SessionId};
 
 #[derive(Debug)]
 struct Session {
     client: String,
     last_seen: Instant,
-    opens: HashMap<Ino, u32>,
+    /// Each open handle of the mount and the inode it is open on. Keyed by handle, so that a
+    /// repeated open or release (a retried request) counts once.
+    opens: HashMap<HandleId, Ino>,
 }
 
 #[derive(Debug)]
@@ -73,12 +75,12 @@ impl Sessions {
         self.sessions.is_empty()
     }
 
-    /// Starts (or resumes) a session holding `open_files`.
+    /// Starts (or resumes) a session holding `open_files` (handle, inode).
     pub fn open_session(
         &mut self,
         client: String,
         resume: Option<SessionId>,
-        open_files: &[(Ino, u32)],
+        open_files: &[(HandleId, Ino)],
         now: Instant,
     ) -> Opened {
         let (id, replaces) = match resume {
@@ -93,18 +95,17 @@ impl Sessions {
                 (self.next_id, replaces.or(other))
             }
         };
-        let mut session = Session {
-            client,
-            last_seen: now,
-            opens: HashMap::new(),
-        };
-        for &(ino, n) in open_files {
-            if n > 0 {
-                *session.opens.entry(ino).or_default() += n;
-                *self.open_counts.entry(ino).or_default() += n;
-            }
+        self.sessions.insert(
+            id,
+            Session {
+                client,
+                last_seen: now,
+                opens: HashMap::new(),
+            },
+        );
+        for &(handle, ino) in open_files {
+            self.open(id, handle, ino, now);
         }
-        self.sessions.insert(id, session);
         Opened { session: id, replaces }
     }
 
@@ -115,15 +116,25 @@ impl Sessions {
 
     fn drop_session(&mut self, id: SessionId) -> Option<Session> {
         let session = self.sessions.remove(&id)?;
-        for (ino, n) in &session.opens {
-            if let Some(c) = self.open_counts.get_mut(ino) {
-                *c = c.saturating_sub(*n);
-                if *c == 0 {
-                    self.open_counts.remove(ino);
-                }
-            }
+        for ino in session.opens.values() {
+            self.forget_open(*ino);
         }
         Some(session)
+    }
+
+    /// One open fewer of `ino`; true if it was the last anywhere.
+    fn forget_open(&mut self, ino: Ino) -> bool {
+        match self.open_counts.get_mut(&ino) {
+            Some(c) if *c > 1 => {
+                *c -= 1;
+                false
+            }
+            Some(_) => {
+                self.open_counts.remove(&ino);
+                true
+            }
+            None => true,
+        }
     }
 
     pub fn renew(&mut self, id: SessionId, now: Instant) -> bool {
@@ -136,40 +147,29 @@ impl Sessions {
         }
     }
 
-    /// Registers an open; false if the session is unknown.
-    pub fn open(&mut self, id: SessionId, ino: Ino, now: Instant) -> bool {
+    /// Registers an open (once per handle); false if the session is unknown.
+    pub fn open(&mut self, id: SessionId, handle: HandleId, ino: Ino, now: Instant) -> bool {
         let Some(s) = self.sessions.get_mut(&id) else {
             return false;
         };
         s.last_seen = now;
-        *s.opens.entry(ino).or_default() += 1;
-        *self.open_counts.entry(ino).or_default() += 1;
+        if s.opens.insert(handle, ino).is_none() {
+            let count = self.open_counts.entry(ino).or_default();
+            *count = count.saturating_add(1);
+        }
         true
     }
 
-    /// Drops one open; true if that was the last open of `ino` anywhere.
-    pub fn release(&mut self, id: SessionId, ino: Ino, now: Instant) -> bool {
+    /// Drops an open handle (a repeated release is ignored); true if that was the last open of
+    /// its inode anywhere.
+    pub fn release(&mut self, id: SessionId, handle: HandleId, now: Instant) -> bool {
         let Some(s) = self.sessions.get_mut(&id) else {
             return false;
         };
         s.last_seen = now;
-        match s.opens.get_mut(&ino) {
-            Some(n) if *n > 1 => *n -= 1,
-            Some(_) => {
-                s.opens.remove(&ino);
-            }
-            None => return false,
-        }
-        match self.open_counts.get_mut(&ino) {
-            Some(c) if *c > 1 => {
-                *c -= 1;
-                false
-            }
-            Some(_) => {
-                self.open_counts.remove(&ino);
-                true
-            }
-            None => true,
+        match s.opens.remove(&handle) {
+            Some(ino) => self.forget_open(ino),
+            None => false,
         }
     }
 
@@ -204,18 +204,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn opens_are_counted_across_sessions() {
+    fn opens_are_counted_across_sessions_once_per_handle() {
         let now = Instant::now();
         let mut s = Sessions::new(Duration::from_secs(10), HashSet::new(), now);
         let a = s.open_session("a".into(), None, &[], now).session;
         let b = s.open_session("b".into(), None, &[], now).session;
-        assert!(s.open(a, 7, now));
-        assert!(s.open(b, 7, now));
-        assert!(!s.release(a, 7, now));
+        assert!(s.open(a, 1, 7, now));
+        assert!(s.open(a, 1, 7, now), "a retried open");
+        assert!(s.open(b, 1, 7, now));
+        assert!(!s.release(a, 1, now));
+        assert!(!s.release(a, 1, now), "a retried release");
         assert!(s.is_open(7));
-        assert!(s.release(b, 7, now));
+        assert!(s.release(b, 1, now));
         assert!(!s.is_open(7));
-        assert!(!s.open(12345, 7, now));
+        assert!(!s.open(12345, 1, 7, now));
     }
 
     #[test]
@@ -223,16 +225,17 @@ mod tests {
         let now = Instant::now();
         let mut s = Sessions::new(Duration::from_secs(10), HashSet::new(), now);
         let a = s.open_session("a".into(), None, &[], now).session;
-        s.open(a, 1, now);
+        s.open(a, 1, 1, now);
         let later = now + Duration::from_secs(11);
         assert_eq!(s.expire(later).len(), 1);
         assert!(!s.is_open(1));
-        let a2 = s.open_session("a".into(), Some(a), &[(1, 2)], later).session;
+        let a2 = s.open_session("a".into(), Some(a), &[(1, 1), (2, 1)], later).session;
         assert_ne!(a, a2, "an expired session is not resumed");
         assert!(s.is_open(1));
         let a3 = s.open_session("a".into(), Some(a2), &[(1, 1)], later).session;
         assert_eq!(a2, a3);
-        assert!(!s.release(a3, 1, later) || !s.is_open(1));
+        assert!(s.release(a3, 1, later));
+        assert!(!s.is_open(1));
     }
 
     #[test]
@@ -240,7 +243,7 @@ mod tests {
         let now = Instant::now();
         let mut s = Sessions::new(Duration::from_secs(10), HashSet::from([7, 8]), now);
         assert!(!s.settled(now));
-        let o = s.open_session("a".into(), Some(7), &[(42, 1)], now);
+        let o = s.open_session("a".into(), Some(7), &[(1, 42)], now);
         assert_eq!(o.replaces, Some(7));
         assert!(s.is_open(42));
         assert!(!s.settled(now));

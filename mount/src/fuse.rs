@@ -45,16 +45,20 @@ impl DfsFs {
         }
     }
 
-    /// Runs `op` on tokio with a deadline, then `done` with its result.
+    /// Runs `op` as its own task, then `done` with its result. If the deadline passes first,
+    /// the kernel gets EIO, but the operation is not cancelled (half-done work, such as a
+    /// commit, is never abandoned midway): it finishes in the background.
     fn run<T, F, D>(&self, what: &'static str, op: F, done: D)
     where
         T: Send + 'static,
         F: Future<Output = FsResult<T>> + Send + 'static,
         D: FnOnce(FsResult<T>) + Send + 'static,
     {
+        let task = self.rt.spawn(op);
         self.rt.spawn(async move {
-            let result = match tokio::time::timeout(OP_DEADLINE, op).await {
-                Ok(r) => r,
+            let result = match tokio::time::timeout(OP_DEADLINE, task).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => Err(FsError::io(format!("{what} failed: {e}"))),
                 Err(_) => Err(FsError::io(format!("{what} did not complete within {OP_DEADLINE:?}"))),
             };
             if let Err(e) = &result {

@@ -8,8 +8,9 @@
 //! the file (anywhere) see its previous version: a rewritten chunk is a new piece, copied on
 //! write, never an in-place change.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dfs_proto::meta::{Allocation, AttrChanges, CHUNK_WINDOW, ChunkLocation, TimeSet, WrittenPiece};
@@ -28,6 +29,10 @@ pub const MAX_CLOSING_CHUNKS: usize = 8;
 pub const COMMIT_EVERY: usize = 32;
 /// Segments queued per chunk stream (each up to one FUSE write, 1 MiB).
 pub const SEGMENT_QUEUE: usize = 4;
+/// A file not written to for this long has its pending writes committed in the background, so
+/// no stream to a daemon sits idle (daemons give up on idle streams) and long-lived open files
+/// do not hold data uncommitted indefinitely.
+pub const IDLE_COMMIT: Duration = Duration::from_secs(10);
 
 pub type Segment = (u64, Bytes);
 
@@ -43,20 +48,41 @@ pub struct ClosingChunk {
     pub task: JoinHandle<FsResult<u64>>,
 }
 
-#[derive(Default)]
+/// The uncommitted writes of one inode on this mount.
+///
+/// Every step that waits is cancel-safe: a piece leaves `open`/`closing` only once its outcome
+/// is recorded in `done` or `error`, and `done` is cleared only after the metaserver committed.
 pub struct Writer {
     pub open: BTreeMap<u64, OpenChunk>,
-    pub closing: Vec<ClosingChunk>,
+    pub closing: VecDeque<ClosingChunk>,
     /// Durable pieces not yet committed.
     pub done: Vec<WrittenPiece>,
     /// End of the furthest write since the last commit.
     pub end: u64,
     pub dirty: bool,
-    /// First failure since the last flush; reported by the next write or flush.
+    /// First failure since the last flush or fsync, which reports it (write, read and setattr
+    /// fail with it meanwhile).
     pub error: Option<FsError>,
     /// A piece the metaserver set aside for chunk 0 when it created the file.
     pub first_piece: Option<Allocation>,
     pub clock: u64,
+    pub last_write: Instant,
+}
+
+impl Default for Writer {
+    fn default() -> Self {
+        Writer {
+            open: BTreeMap::new(),
+            closing: VecDeque::new(),
+            done: Vec::new(),
+            end: 0,
+            dirty: false,
+            error: None,
+            first_piece: None,
+            clock: 0,
+            last_write: Instant::now(),
+        }
+    }
 }
 
 impl Writer {
@@ -64,7 +90,7 @@ impl Writer {
     pub fn close_chunk(&mut self, chunk: u64) {
         if let Some(oc) = self.open.remove(&chunk) {
             drop(oc.tx);
-            self.closing.push(ClosingChunk {
+            self.closing.push_back(ClosingChunk {
                 alloc: oc.alloc,
                 task: oc.task,
             });
@@ -76,12 +102,23 @@ impl Writer {
         self.open.iter().min_by_key(|(_, oc)| oc.last_use).map(|(&c, _)| c)
     }
 
-    /// Waits for one closing chunk and records its outcome.
-    pub async fn settle(&mut self, c: ClosingChunk) {
-        let outcome = match c.task.await {
+    /// Whether `chunk` has a piece that is finished (or finishing) but not committed.
+    pub fn has_pending(&self, chunk: u64) -> bool {
+        self.closing.iter().any(|c| c.alloc.chunk == chunk) || self.done.iter().any(|p| p.chunk == chunk)
+    }
+
+    /// Waits for the oldest closing chunk and records its outcome.
+    pub async fn settle_one(&mut self) {
+        let Some(front) = self.closing.front_mut() else { return };
+        // Awaited in place: if this wait is abandoned, the chunk is still in the list.
+        let outcome = match (&mut front.task).await {
             Ok(r) => r,
-            Err(e) => Err(FsError::io(format!("piece {} writer task failed: {e}", c.alloc.piece))),
+            Err(e) => Err(FsError::io(format!(
+                "piece {} writer task failed: {e}",
+                front.alloc.piece
+            ))),
         };
+        let c = self.closing.pop_front().expect("front exists");
         match outcome {
             Ok(len) => self.done.push(WrittenPiece {
                 chunk: c.alloc.chunk,
@@ -101,9 +138,23 @@ impl Writer {
         for chunk in open {
             self.close_chunk(chunk);
         }
-        for c in std::mem::take(&mut self.closing) {
-            self.settle(c).await;
+        while !self.closing.is_empty() {
+            self.settle_one().await;
         }
+    }
+
+    /// Drops every uncommitted write (after its failure has been reported).
+    pub fn discard(&mut self) {
+        for (_, oc) in std::mem::take(&mut self.open) {
+            oc.task.abort();
+        }
+        for c in std::mem::take(&mut self.closing) {
+            c.task.abort();
+        }
+        self.done.clear();
+        self.end = 0;
+        self.dirty = false;
+        self.error = None;
     }
 }
 
@@ -142,7 +193,7 @@ impl Cached {
 
 pub struct InodeState {
     pub ino: Ino,
-    /// Handles open on this inode through this mount.
+    /// Handles open on this inode through this mount (changed under the mount's inode map lock).
     pub handles: AtomicU32,
     /// Quick view of uncommitted growth for getattr, without taking the lock.
     dirty: AtomicBool,
@@ -189,16 +240,12 @@ impl InodeState {
         self.held_attrs.lock().expect("held attrs").mtime = None;
     }
 
-    pub fn take_held_attrs(&self) -> AttrChanges {
-        std::mem::take(&mut *self.held_attrs.lock().expect("held attrs"))
+    pub fn held_attrs(&self) -> AttrChanges {
+        *self.held_attrs.lock().expect("held attrs")
     }
 
-    /// Puts back changes whose commit failed (changes made since take precedence).
-    pub fn restore_held_attrs(&self, earlier: AttrChanges) {
-        let mut held = self.held_attrs.lock().expect("held attrs");
-        let mut merged = earlier;
-        merged.merge(&held);
-        *held = merged;
+    pub fn clear_held_attrs(&self) {
+        *self.held_attrs.lock().expect("held attrs") = AttrChanges::default();
     }
 
     pub fn remember(&self, attr: &Attr) {

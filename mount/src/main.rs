@@ -205,6 +205,8 @@ fn serve(config: &Config, tls: &TlsIdentity, mountpoint: &Path, ready: &mut Read
 
     let meta = mount.meta.clone();
     runtime.spawn(async move { meta.keep_alive(keepalive).await });
+    let idle = mount.clone();
+    runtime.spawn(async move { idle.commit_idle_writers().await });
     let mp = mountpoint.to_owned();
     runtime.spawn_blocking(move || {
         if let Err(e) = raise_readahead(&mp, 4096) {

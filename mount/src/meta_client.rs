@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use dfs_proto::meta::{CloseSession, KeepAlive, OpenSession, Release, SessionInfo};
-use dfs_proto::types::{Ino, SessionId};
+use dfs_proto::types::{HandleId, Ino, SessionId};
 use dfs_proto::{Call, ErrorKind, Peer, RpcError};
 
 pub struct MetaClient {
@@ -14,10 +14,10 @@ pub struct MetaClient {
     timeout: Duration,
     client_name: String,
     session: tokio::sync::Mutex<Option<SessionId>>,
-    /// Open handles per inode, re-declared when a session is re-established.
-    open_files: Mutex<HashMap<Ino, u32>>,
+    /// Open handles and their inodes, re-declared when a session is re-established.
+    open_files: Mutex<HashMap<HandleId, Ino>>,
     /// Releases the metaserver has not acknowledged yet (retried by the keep-alive loop).
-    unsent_releases: Mutex<Vec<Ino>>,
+    unsent_releases: Mutex<Vec<(HandleId, Ino)>>,
 }
 
 impl MetaClient {
@@ -47,12 +47,12 @@ impl MetaClient {
     }
 
     async fn establish(&self, slot: &mut Option<SessionId>) -> Result<SessionInfo, RpcError> {
-        let open_files: Vec<(Ino, u32)> = self
+        let open_files: Vec<(HandleId, Ino)> = self
             .open_files
             .lock()
             .expect("open files")
             .iter()
-            .map(|(&i, &n)| (i, n))
+            .map(|(&h, &i)| (h, i))
             .collect();
         let info = self
             .call(OpenSession {
@@ -110,24 +110,17 @@ impl MetaClient {
         }
     }
 
-    pub fn note_open(&self, ino: Ino) {
-        *self.open_files.lock().expect("open files").entry(ino).or_default() += 1;
+    pub fn note_open(&self, handle: HandleId, ino: Ino) {
+        self.open_files.lock().expect("open files").insert(handle, ino);
     }
 
-    /// Forgets one open of `ino` and tells the metaserver (retrying later if it cannot be told).
-    pub async fn release(&self, ino: Ino) {
-        {
-            let mut open = self.open_files.lock().expect("open files");
-            match open.get_mut(&ino) {
-                Some(n) if *n > 1 => *n -= 1,
-                _ => {
-                    open.remove(&ino);
-                }
-            }
-        }
-        if let Err(e) = self.call_in_session(|session| Release { ino, session }).await {
+    /// Forgets an open handle and tells the metaserver (retrying later if it cannot be told;
+    /// a release that arrives twice counts once).
+    pub async fn release(&self, handle: HandleId, ino: Ino) {
+        self.open_files.lock().expect("open files").remove(&handle);
+        if let Err(e) = self.call_in_session(|session| Release { ino, session, handle }).await {
             tracing::warn!("cannot tell metaserver about closing inode {ino} (will retry): {e}");
-            self.unsent_releases.lock().expect("releases").push(ino);
+            self.unsent_releases.lock().expect("releases").push((handle, ino));
         }
     }
 
@@ -154,11 +147,11 @@ impl MetaClient {
                 }
                 Err(e) => tracing::warn!("metaserver unreachable: {e}"),
             }
-            let pending: Vec<Ino> = std::mem::take(&mut *self.unsent_releases.lock().expect("releases"));
-            for ino in pending {
-                if let Err(e) = self.call_in_session(|session| Release { ino, session }).await {
+            let pending: Vec<(HandleId, Ino)> = std::mem::take(&mut *self.unsent_releases.lock().expect("releases"));
+            for (handle, ino) in pending {
+                if let Err(e) = self.call_in_session(|session| Release { ino, session, handle }).await {
                     tracing::debug!("release of inode {ino} still not delivered: {e}");
-                    self.unsent_releases.lock().expect("releases").push(ino);
+                    self.unsent_releases.lock().expect("releases").push((handle, ino));
                 }
             }
         }

@@ -14,7 +14,9 @@ use tokio::sync::mpsc;
 
 use crate::dir::DirHandle;
 use crate::error::{FsError, FsResult};
-use crate::inode::{COMMIT_EVERY, InodeState, MAX_CLOSING_CHUNKS, MAX_OPEN_CHUNKS, OpenChunk, SEGMENT_QUEUE, Writer};
+use crate::inode::{
+    COMMIT_EVERY, IDLE_COMMIT, InodeState, MAX_CLOSING_CHUNKS, MAX_OPEN_CHUNKS, OpenChunk, SEGMENT_QUEUE, Writer,
+};
 use crate::meta_client::MetaClient;
 use crate::storage_pool::{PieceStream, StoragePool};
 
@@ -98,6 +100,15 @@ impl Mount {
             .clone()
     }
 
+    /// The state of `ino` with one more open handle counted. Counting under the map lock keeps
+    /// a concurrent last `release` from dropping a state that is being reopened.
+    fn acquire_state(&self, ino: Ino) -> Arc<InodeState> {
+        let mut inodes = self.inodes.lock().expect("inodes");
+        let state = inodes.entry(ino).or_insert_with(|| Arc::new(InodeState::new(ino)));
+        state.handles.fetch_add(1, Ordering::AcqRel);
+        state.clone()
+    }
+
     /// Attributes as this mount should report them (uncommitted writes and held-back
     /// attribute changes included).
     fn visible(&self, attr: Attr) -> Attr {
@@ -124,38 +135,38 @@ impl Mount {
 
     pub async fn setattr(&self, req: SetAttr) -> FsResult<Attr> {
         let ino = req.ino;
+        let truncates = req.size.is_some();
         let state = self.state(ino);
-        if let Some(state) = &state {
-            if req.size.is_none() && req.ctime.is_none() {
+        // Held through the request: no write slips between the commit and a truncate.
+        let mut writer = match &state {
+            Some(state) => Some(state.writer.lock().await),
+            None => None,
+        };
+        if let (Some(state), Some(w)) = (&state, writer.as_mut()) {
+            if !truncates && req.ctime.is_none() && w.dirty && w.error.is_none() {
                 // A file being written: like the writes, the change is committed at close or
                 // fsync (tar and cp -p set times and modes on files they are writing).
-                let writer = state.writer.lock().await;
-                if writer.dirty && writer.error.is_none() {
-                    state.hold_attrs(&req.changes);
-                    drop(writer);
-                    let attr = match state.last_attr() {
-                        Some(a) => a,
-                        None => self.meta.call(GetAttr { ino }).await?,
-                    };
-                    return Ok(self.visible(attr));
-                }
+                state.hold_attrs(&req.changes);
+                let attr = match state.last_attr() {
+                    Some(a) => a,
+                    None => self.meta.call(GetAttr { ino }).await?,
+                };
+                return Ok(self.visible(attr));
             }
             // Queued writes land first, so a truncate or utimens applies after them.
-            self.flush_inode(state).await?;
+            self.commit(state, w).await?;
         }
-        let truncates = req.size.is_some();
         let attr = self.meta.call(req).await?;
         if truncates {
             // The kernel trims its own cache on truncate: what it keeps is this version.
             self.note_cached_version(&attr);
+            if let Some(state) = &state {
+                let mut cache = state.cache.lock().await;
+                cache.size = attr.size;
+                cache.invalidate();
+            }
         }
-        if let Some(state) = state
-            && truncates
-        {
-            let mut cache = state.cache.lock().await;
-            cache.size = attr.size;
-            cache.invalidate();
-        }
+        drop(writer);
         Ok(self.visible(attr))
     }
 
@@ -204,12 +215,11 @@ impl Mount {
     // ------------------------------------------------------------------------------------------
     // Open files
 
-    fn new_handle(&self, ino: Ino, state: &InodeState) -> u64 {
-        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        state.handles.fetch_add(1, Ordering::AcqRel);
+    /// Records an open handle (allocated before the request, as its id) for an inode whose
+    /// state was acquired with `acquire_state`.
+    fn register_handle(&self, fh: u64, ino: Ino) {
         self.files.lock().expect("files").insert(fh, ino);
-        self.meta.note_open(ino);
-        fh
+        self.meta.note_open(fh, ino);
     }
 
     pub async fn create(
@@ -222,6 +232,7 @@ impl Mount {
         exclusive: bool,
     ) -> FsResult<OpenedFile> {
         check_name(&name)?;
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let created = self
             .meta
             .call_in_session(|session| Create {
@@ -232,6 +243,7 @@ impl Mount {
                 gid,
                 exclusive,
                 session,
+                handle: fh,
             })
             .await
             .map_err(|e| {
@@ -246,7 +258,7 @@ impl Mount {
                 e
             })?;
         let attr = created.attr;
-        let state = self.state_or_new(attr.ino);
+        let state = self.acquire_state(attr.ino);
         {
             let mut cache = state.cache.lock().await;
             if created.created {
@@ -259,7 +271,7 @@ impl Mount {
         if let Some(first) = created.first_piece {
             state.writer.lock().await.first_piece = Some(first);
         }
-        let fh = self.new_handle(attr.ino, &state);
+        self.register_handle(fh, attr.ino);
         // A new file has no cached pages; an existing one keeps them if unchanged.
         let keep_cache = self.note_cached_version(&attr) && !created.created;
         Ok(OpenedFile {
@@ -270,15 +282,23 @@ impl Mount {
     }
 
     pub async fn open(&self, ino: Ino) -> FsResult<OpenedFile> {
-        let opened = self.meta.call_in_session(|session| Open { ino, session }).await?;
-        let state = self.state_or_new(ino);
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let opened = self
+            .meta
+            .call_in_session(|session| Open {
+                ino,
+                session,
+                handle: fh,
+            })
+            .await?;
+        let state = self.acquire_state(ino);
         {
             // Close-to-open: every open sees the file as last committed anywhere.
             let mut cache = state.cache.lock().await;
             let size = state.visible_size(opened.attr.size);
             cache.reset(size, opened.chunks);
         }
-        let fh = self.new_handle(ino, &state);
+        self.register_handle(fh, ino);
         // Close-to-open: the cache survives only if nobody changed the file since it was filled
         // (this mount's own uncommitted writes are in the cache, so a dirty file keeps it too).
         let keep_cache = self.note_cached_version(&opened.attr) || state.is_dirty();
@@ -294,10 +314,14 @@ impl Mount {
             return Ok(());
         };
         let Some(state) = self.state(ino) else {
-            self.meta.release(ino).await;
+            self.meta.release(fh, ino).await;
             return Ok(());
         };
-        let result = if state.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+        let last = {
+            let _inodes = self.inodes.lock().expect("inodes");
+            state.handles.fetch_sub(1, Ordering::AcqRel) == 1
+        };
+        let result = if last {
             let r = self.flush_inode(&state).await;
             if let Err(e) = &r {
                 tracing::error!("inode {ino}: data written before the last close was not committed: {e}");
@@ -310,7 +334,7 @@ impl Mount {
         } else {
             Ok(())
         };
-        self.meta.release(ino).await;
+        self.meta.release(fh, ino).await;
         result
     }
 
@@ -322,52 +346,78 @@ impl Mount {
         }
     }
 
+    /// Commits, and reports (then forgets) any failure since the last flush: this is where a
+    /// failed write surfaces, at close or fsync. After a reported failure the uncommitted writes
+    /// are dropped, and the file stays as it was last committed.
     async fn flush_inode(&self, state: &InodeState) -> FsResult<()> {
-        let mut writer = state.writer.lock().await;
-        self.commit(state, &mut writer).await
-    }
-
-    /// Waits for every piece being written to be durable, then commits them.
-    async fn commit(&self, state: &InodeState, w: &mut Writer) -> FsResult<()> {
-        w.settle_all().await;
-        let failure = w.error.take();
-        if w.dirty {
-            let pieces = std::mem::take(&mut w.done);
-            let attrs = state.take_held_attrs();
-            let request = CommitWrite {
-                ino: state.ino,
-                pieces: pieces.clone(),
-                min_size: w.end,
-                attrs,
-            };
-            match self.meta.call(request).await {
-                Ok(attr) => {
-                    // The page cache holds what was just written: that is this version.
-                    self.note_cached_version(&attr);
-                    state.remember(&attr);
-                    w.dirty = false;
-                    w.end = 0;
-                    state.mark_clean();
-                    let mut cache = state.cache.lock().await;
-                    cache.size = attr.size;
-                    cache.invalidate();
-                }
-                Err(e) => {
-                    // Durable pieces stay queued: the next flush commits them again.
-                    w.done = pieces;
-                    state.restore_held_attrs(attrs);
-                    let e = FsError::from(e);
-                    tracing::warn!("inode {}: cannot commit written data: {e}", state.ino);
-                    return Err(failure.unwrap_or(e));
-                }
-            }
-        }
-        match failure {
-            Some(e) => {
-                tracing::warn!("inode {}: write failed: {e}", state.ino);
+        let mut w = state.writer.lock().await;
+        match self.commit(state, &mut w).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!("inode {}: uncommitted writes dropped: {e}", state.ino);
+                w.discard();
+                state.mark_clean();
+                state.clear_held_attrs();
+                state.cache.lock().await.invalidate();
                 Err(e)
             }
-            None => Ok(()),
+        }
+    }
+
+    /// Waits for every piece being written to be durable, then commits them all (with the
+    /// attribute changes held back meanwhile), or none if any write failed. A failure is kept
+    /// for `flush_inode` to report.
+    async fn commit(&self, state: &InodeState, w: &mut Writer) -> FsResult<()> {
+        w.settle_all().await;
+        if let Some(e) = &w.error {
+            return Err(e.clone());
+        }
+        if !w.dirty {
+            return Ok(());
+        }
+        let request = CommitWrite {
+            ino: state.ino,
+            pieces: w.done.clone(),
+            min_size: w.end,
+            attrs: state.held_attrs(),
+        };
+        // Nothing is taken from the writer until the commit is known to have happened.
+        let attr = self.meta.call(request).await.map_err(|e| {
+            let e = FsError::from(e);
+            tracing::warn!("inode {}: cannot commit written data: {e}", state.ino);
+            e
+        })?;
+        w.done.clear();
+        w.dirty = false;
+        w.end = 0;
+        state.clear_held_attrs();
+        state.mark_clean();
+        // The page cache holds what was just written: that is this version.
+        self.note_cached_version(&attr);
+        state.remember(&attr);
+        let mut cache = state.cache.lock().await;
+        cache.size = attr.size;
+        cache.invalidate();
+        Ok(())
+    }
+
+    /// Commits files nobody has written to for a while (run for the life of the mount).
+    pub async fn commit_idle_writers(&self) {
+        loop {
+            tokio::time::sleep(IDLE_COMMIT / 2).await;
+            let states: Vec<Arc<InodeState>> = self.inodes.lock().expect("inodes").values().cloned().collect();
+            for state in states.into_iter().filter(|s| s.is_dirty()) {
+                // A writer busy right now is not idle.
+                let Ok(mut w) = state.writer.try_lock() else { continue };
+                if w.dirty
+                    && w.error.is_none()
+                    && w.last_write.elapsed() >= IDLE_COMMIT
+                    && let Err(e) = self.commit(&state, &mut w).await
+                {
+                    tracing::warn!("inode {}: background commit failed (reported at close): {e}", state.ino);
+                    w.error.get_or_insert(e);
+                }
+            }
         }
     }
 
@@ -396,25 +446,25 @@ impl Mount {
             }
             pos += n;
             state.written();
+            w.last_write = std::time::Instant::now();
             w.dirty = true;
             w.end = w.end.max(at + n as u64);
             state.mark_dirty(at + n as u64);
         }
         if w.done.len() >= COMMIT_EVERY {
             // Long writes commit as they go, so the metaserver's view and memory stay bounded.
-            let done = std::mem::take(&mut w.done);
             let request = CommitWrite {
                 ino,
-                pieces: done.clone(),
+                pieces: w.done.clone(),
                 min_size: 0,
                 attrs: Default::default(),
             };
             match self.meta.call(request).await {
-                Ok(_) => state.cache.lock().await.invalidate(),
-                Err(e) => {
-                    tracing::debug!("inode {ino}: intermediate commit deferred: {e}");
-                    w.done = done;
+                Ok(_) => {
+                    w.done.clear();
+                    state.cache.lock().await.invalidate();
                 }
+                Err(e) => tracing::debug!("inode {ino}: intermediate commit deferred: {e}"),
             }
         }
         Ok(len as u32)
@@ -468,8 +518,12 @@ impl Mount {
             w.close_chunk(victim);
         }
         while w.closing.len() > MAX_CLOSING_CHUNKS {
-            let c = w.closing.remove(0);
-            w.settle(c).await;
+            w.settle_one().await;
+        }
+        if w.has_pending(chunk) {
+            // Back to a chunk whose new piece is written but not committed: commit it first,
+            // so that the next piece starts from it (copy-on-write of the committed piece).
+            self.commit(state, w).await?;
         }
         let mut alloc = match w.first_piece.take() {
             Some(a) if chunk == 0 => a,
@@ -551,7 +605,8 @@ impl Mount {
         let state = self.state_or_new(ino);
         if state.is_dirty() {
             // Reads see this mount's own writes: commit them first.
-            self.flush_inode(&state).await?;
+            let mut w = state.writer.lock().await;
+            self.commit(&state, &mut w).await?;
         }
         if size == 0 {
             return Ok(Vec::new());

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::call::service;
-use crate::types::{Attr, FileKind, Ino, NodeAddr, NodeId, NodeUsage, PieceId, SessionId, Timestamp};
+use crate::types::{Attr, FileKind, HandleId, Ino, NodeAddr, NodeId, NodeUsage, PieceId, SessionId, Timestamp};
 
 service! {
     /// Everything a metaserver answers.
@@ -41,8 +41,8 @@ service! {
 pub struct OpenSession {
     pub client: String,
     pub resume: Option<SessionId>,
-    /// (inode, number of open handles)
-    pub open_files: Vec<(Ino, u32)>,
+    /// Every open handle and the inode it is open on.
+    pub open_files: Vec<(HandleId, Ino)>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -127,6 +127,8 @@ pub struct Create {
     pub gid: u32,
     pub exclusive: bool,
     pub session: SessionId,
+    /// The mount's id for the open this create makes.
+    pub handle: HandleId,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -143,6 +145,7 @@ pub struct Created {
 pub struct Open {
     pub ino: Ino,
     pub session: SessionId,
+    pub handle: HandleId,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -156,6 +159,7 @@ pub struct Opened {
 pub struct Release {
     pub ino: Ino,
     pub session: SessionId,
+    pub handle: HandleId,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -394,8 +398,7 @@ pub struct Inventory {
     pub last: bool,
 }
 
+/// Pieces nobody references (left by writes that never committed) are queued for deletion and
+/// reach the daemon in its heartbeat replies, like every other deletion.
 #[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct InventoryReply {
-    /// Pieces nobody references (left by writes that never committed): delete them.
-    pub delete: Vec<PieceId>,
-}
+pub struct InventoryReply {}

@@ -13,6 +13,8 @@ pub type PieceId = u64;
 pub type NodeId = u32;
 /// A mount's session with the metaserver (tracks its open files).
 pub type SessionId = u64;
+/// A mount's id for one open of a file, unique within its session (its FUSE file handle).
+pub type HandleId = u64;
 
 /// The root directory's inode number (as FUSE expects).
 pub const ROOT_INO: Ino = 1;

@@ -12,6 +12,9 @@ use tokio::task::spawn_blocking;
 use crate::store::PieceStore;
 
 const INVENTORY_BATCH: usize = 8192;
+/// Besides at every registration, the daemon reports what it holds this often, so that pieces
+/// left by writes that never committed are collected without waiting for a restart.
+const INVENTORY_INTERVAL: Duration = Duration::from_secs(3600);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Membership {
@@ -55,8 +58,13 @@ impl Membership {
             self.name
         );
         self.send_inventory(node).await?;
+        let mut last_inventory = tokio::time::Instant::now();
         let mut deleted: Vec<PieceId> = Vec::new();
         loop {
+            if last_inventory.elapsed() >= INVENTORY_INTERVAL {
+                self.send_inventory(node).await?;
+                last_inventory = tokio::time::Instant::now();
+            }
             let beat = Heartbeat {
                 node,
                 usage: self.store.usage(),
@@ -114,10 +122,8 @@ impl Membership {
         };
         let total = pieces.len();
         let mut batches = pieces.chunks(INVENTORY_BATCH).peekable();
-        let mut unreferenced = Vec::new();
         if batches.peek().is_none() {
-            let reply = self
-                .meta
+            self.meta
                 .call(
                     Inventory {
                         node,
@@ -127,30 +133,17 @@ impl Membership {
                     REQUEST_TIMEOUT,
                 )
                 .await?;
-            unreferenced.extend(reply.delete);
         }
         while let Some(batch) = batches.next() {
             let last = batches.peek().is_none();
-            let reply = self
-                .meta
-                .call(
-                    Inventory {
-                        node,
-                        pieces: batch.to_vec(),
-                        last,
-                    },
-                    REQUEST_TIMEOUT,
-                )
-                .await?;
-            unreferenced.extend(reply.delete);
+            let request = Inventory {
+                node,
+                pieces: batch.to_vec(),
+                last,
+            };
+            self.meta.call(request, REQUEST_TIMEOUT).await?;
         }
-        if !unreferenced.is_empty() {
-            tracing::info!(
-                "deleting {} of {total} stored pieces that the metaserver does not reference",
-                unreferenced.len()
-            );
-            self.delete(unreferenced).await;
-        }
+        tracing::info!("reported {total} stored pieces to metaserver {}", self.meta);
         Ok(())
     }
 }

@@ -14,8 +14,9 @@ use tokio::task::{JoinHandle, spawn_blocking};
 
 use crate::store::{PieceStore, PieceWriter, StoreError};
 
-/// A client that stops sending mid-piece for this long is abandoned (its partial piece discarded).
-const SEGMENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// A client that stops sending mid-piece for this long is abandoned (its partial piece
+/// discarded). Mounts end streams after 10 s without writes, far sooner.
+const SEGMENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Reads are sent in pieces of this size.
 const READ_BLOCK: usize = 1 << 20;
 /// Stream error code telling a reader the data after the header is not coming.

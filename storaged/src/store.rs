@@ -152,7 +152,7 @@ impl PieceStore {
             pieces: c.pieces,
             bytes: c.bytes,
             free_bytes: free,
-            capacity_bytes: c.bytes + free,
+            capacity_bytes: c.bytes.saturating_add(free),
         }
     }
 
@@ -167,13 +167,21 @@ impl PieceStore {
         } else {
             let n = self.next_temp.fetch_add(1, Ordering::Relaxed);
             let tmp_path = self.layout.temp_path(n);
-            ensure_parent(&tmp_path, false)?;
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&tmp_path)
-                .map_err(io_err("create", &tmp_path))?;
+            // A concurrent prune may remove the directory just made: retry.
+            let mut attempts = 0;
+            let file = loop {
+                ensure_parent(&tmp_path, false)?;
+                match OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&tmp_path)
+                {
+                    Ok(f) => break f,
+                    Err(e) if e.kind() == ErrorKind::NotFound && attempts < 5 => attempts += 1,
+                    Err(e) => return Err(io_err("create", &tmp_path)(e)),
+                }
+            };
             (file, Temp::Named(tmp_path))
         };
         let mut writer = PieceWriter {
@@ -312,7 +320,7 @@ impl PieceStore {
     fn check_space(&self, piece: PieceId, extra: u64) -> Result<(), StoreError> {
         if self.capacity_limit > 0 {
             let used = self.counters.lock().expect("counters").bytes;
-            if used + extra > self.capacity_limit {
+            if used.saturating_add(extra) > self.capacity_limit {
                 return Err(StoreError::NoSpace {
                     piece,
                     reason: format!("capacity limit of {} bytes reached", self.capacity_limit),
@@ -343,6 +351,16 @@ pub struct PieceWriter {
 
 impl PieceWriter {
     fn copy_base(&mut self, base: BasePiece) -> Result<(), StoreError> {
+        if base.len > dfs_proto::storage::MAX_PIECE_SIZE {
+            return Err(StoreError::Io {
+                op: "copy base of",
+                path: self.store.layout.piece_path(self.piece),
+                source: io::Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("base length {} is beyond any piece", base.len),
+                ),
+            });
+        }
         let src = self.store.open_piece(base.piece)?;
         let src_path = self.store.layout.piece_path(base.piece);
         let available = src.metadata().map_err(io_err("stat", &src_path))?.len();

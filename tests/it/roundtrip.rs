@@ -144,3 +144,55 @@ fn sparse_writes_beyond_four_gib_and_holes_read_as_zeros() {
     drop(f);
     assert_eq!(std::fs::read(&path).unwrap(), b"he\0\0\0\0\0\0\0\0");
 }
+
+/// Applies the same positioned writes to a file on the mount and to a local model of it.
+fn write_both(mounted: &std::fs::File, model: &std::fs::File, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    mounted.write_all_at(data, offset).unwrap();
+    model.write_all_at(data, offset).unwrap();
+}
+
+#[test]
+fn random_writes_over_many_chunks_revisit_chunks_safely() {
+    let mut cluster = Cluster::start(3);
+    let mnt = cluster.mount();
+    let local = tempfile::tempdir().unwrap();
+    let chunk = 8u64 << 20;
+    let mounted = std::fs::File::create(mnt.join("scattered")).unwrap();
+    let model = std::fs::File::create(local.path().join("model")).unwrap();
+    // Touch more chunks than a file streams at once, then go back to the first ones: their
+    // earlier writes must survive the later ones.
+    for round in 0..3u64 {
+        for k in 0..7u64 {
+            let data = data::bytes(10_000 + (round * 7 + k) as usize, round * 100 + k);
+            write_both(&mounted, &model, k * chunk + round * 50_000 + 123, &data);
+        }
+    }
+    mounted.sync_all().unwrap();
+    drop(mounted);
+    drop(model);
+    cmp(&local.path().join("model"), &mnt.join("scattered"));
+    let other = cluster.mount();
+    cmp(&local.path().join("model"), &other.join("scattered"));
+}
+
+#[test]
+fn a_writer_that_pauses_keeps_its_data_and_others_see_it_before_close() {
+    let mut cluster = Cluster::start(2);
+    let mnt = cluster.mount();
+    let other = cluster.mount();
+    let local = tempfile::tempdir().unwrap();
+    let mounted = std::fs::File::create(mnt.join("slow")).unwrap();
+    let model = std::fs::File::create(local.path().join("slow")).unwrap();
+    let first = data::bytes(300_000, 1);
+    write_both(&mounted, &model, 0, &first);
+    // Longer than the mount keeps a writer's data uncommitted: it is committed in the
+    // background, so another mount sees it even though the file is still open.
+    std::thread::sleep(std::time::Duration::from_secs(13));
+    assert_eq!(std::fs::read(other.join("slow")).unwrap(), first);
+    write_both(&mounted, &model, 250_000, &data::bytes(100_000, 2));
+    drop(mounted);
+    drop(model);
+    cmp(&local.path().join("slow"), &mnt.join("slow"));
+    cmp(&local.path().join("slow"), &other.join("slow"));
+}
