@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use dfs_proto::types::{FileKind, NodeId, PieceId, ROOT_INO, Timestamp};
+use dfs_proto::meta::Changes;
+use dfs_proto::types::{Attr, FileKind, NodeId, PieceId, ROOT_INO, Timestamp};
 use redb::{Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, Table, WriteTransaction};
 
 use crate::error::{MetaError, Result};
@@ -76,6 +77,8 @@ pub struct WriteCtx<'t> {
     pub now: Timestamp,
     /// Whether an inode that just lost its last link may go at once (no mount has it open).
     pub may_delete: &'t (dyn Fn(u64) -> bool + Sync),
+    /// Every inode written (its new attributes) or removed (None), in order.
+    pub touched: Vec<(u64, Option<Attr>)>,
 }
 
 /// Without knowledge of open files, every unlinked inode waits as an orphan.
@@ -100,12 +103,39 @@ impl<'t> WriteCtx<'t> {
             effects: Effects::default(),
             now: Timestamp::now(),
             may_delete,
+            touched: Vec::new(),
         })
     }
 
     pub fn put_inode(&mut self, ino: u64, rec: &InodeRecord) -> Result<()> {
         self.inodes.insert(ino, rec.encode().as_slice())?;
+        self.touched.push((ino, Some(rec.attr(ino))));
         Ok(())
+    }
+
+    pub fn remove_inode(&mut self, ino: u64) -> Result<()> {
+        self.inodes.remove(ino)?;
+        self.touched.push((ino, None));
+        Ok(())
+    }
+
+    /// What was touched since `mark` (a length of `touched`), the last state of each inode.
+    pub fn changes_since(&self, mark: usize) -> Changes {
+        let mut last: Vec<(u64, Option<Attr>)> = Vec::new();
+        for (ino, attr) in &self.touched[mark.min(self.touched.len())..] {
+            match last.iter_mut().find(|(i, _)| i == ino) {
+                Some(entry) => entry.1 = *attr,
+                None => last.push((*ino, *attr)),
+            }
+        }
+        let mut changes = Changes::default();
+        for (ino, attr) in last {
+            match attr {
+                Some(a) => changes.changed.push(a),
+                None => changes.removed.push(ino),
+            }
+        }
+        changes
     }
 
     pub fn add_counter(&mut self, key: &'static str, delta: i64) -> Result<()> {

@@ -270,7 +270,7 @@ fn drop_link(ctx: &mut WriteCtx<'_>, ino: Ino, mut rec: InodeRecord) -> Result<(
 /// Deletes an inode without links and queues its pieces for deletion.
 fn delete_inode(ctx: &mut WriteCtx<'_>, ino: Ino, mut rec: InodeRecord) -> Result<()> {
     remove_chunks_from(ctx, ino, &mut rec, 0)?;
-    ctx.inodes.remove(ino)?;
+    ctx.remove_inode(ino)?;
     Ok(())
 }
 
@@ -313,7 +313,7 @@ pub fn remove_dir(ctx: &mut WriteCtx<'_>, parent: Ino, name: &[u8]) -> Result<()
         ));
     }
     ctx.dirents.remove((parent, name))?;
-    ctx.inodes.remove(ino)?;
+    ctx.remove_inode(ino)?;
     touch_dir(ctx, parent, -1)?;
     ctx.add_counter(keys::DIRECTORIES, -1)
 }
@@ -397,7 +397,7 @@ pub fn rename(
                 ));
             }
             if dst.is_dir() {
-                ctx.inodes.remove(dst_ino)?;
+                ctx.remove_inode(dst_ino)?;
                 ctx.add_counter(keys::DIRECTORIES, -1)?;
                 replaced_dir = true;
             } else {

@@ -151,6 +151,21 @@ impl MetaService {
         self.committer.write(op).await
     }
 
+    /// Runs `op` in the next transaction and also returns what it changed.
+    async fn write_with_changes<T, F>(&self, op: F) -> Result<(T, Changes)>
+    where
+        T: Send + 'static,
+        F: for<'t> FnOnce(&mut WriteCtx<'t>) -> Result<T> + Send + 'static,
+    {
+        self.committer
+            .write(move |ctx| {
+                let mark = ctx.touched.len();
+                let value = op(ctx)?;
+                Ok((value, ctx.changes_since(mark)))
+            })
+            .await
+    }
+
     async fn next_piece_id(&self) -> Result<PieceId> {
         let mut ids = self.piece_ids.lock().await;
         if ids.0 >= ids.1 {
@@ -285,24 +300,26 @@ impl MetaService {
         self.read(move |r| namespace::read_link(r, req.ino)).await
     }
 
-    pub async fn make_node(&self, req: MakeNode) -> Result<Attr> {
-        self.write(move |ctx| {
-            let (ino, rec) = namespace::make_node(
-                ctx,
-                &NewNode {
-                    parent: req.parent,
-                    name: &req.name,
-                    kind: req.kind,
-                    perm: req.perm,
-                    uid: req.uid,
-                    gid: req.gid,
-                    rdev: req.rdev,
-                    target: &req.target,
-                },
-            )?;
-            Ok(rec.attr(ino))
-        })
-        .await
+    pub async fn make_node(&self, req: MakeNode) -> Result<NewEntry> {
+        let (attr, changes) = self
+            .write_with_changes(move |ctx| {
+                let (ino, rec) = namespace::make_node(
+                    ctx,
+                    &NewNode {
+                        parent: req.parent,
+                        name: &req.name,
+                        kind: req.kind,
+                        perm: req.perm,
+                        uid: req.uid,
+                        gid: req.gid,
+                        rdev: req.rdev,
+                        target: &req.target,
+                    },
+                )?;
+                Ok(rec.attr(ino))
+            })
+            .await?;
+        Ok(NewEntry { attr, changes })
     }
 
     pub async fn create(&self, req: Create) -> Result<Created> {
@@ -313,8 +330,8 @@ impl MetaService {
         }
         let no_room = self.choose_node(&[]).await.err();
         let sessions = self.sessions.clone();
-        let (attr, created) = self
-            .write(move |ctx| {
+        let ((attr, created), changes) = self
+            .write_with_changes(move |ctx| {
                 if let Some(reason) = no_room {
                     // Opening an existing file needs no daemon; creating one that nothing could
                     // be written into does.
@@ -341,6 +358,7 @@ impl MetaService {
             attr,
             created,
             first_piece,
+            changes,
         })
     }
 
@@ -386,24 +404,34 @@ impl MetaService {
         self.write(move |ctx| namespace::set_attr(ctx, &req, chunk_size)).await
     }
 
-    pub async fn unlink(&self, req: Unlink) -> Result<()> {
-        self.write(move |ctx| namespace::unlink(ctx, req.parent, &req.name))
-            .await
+    pub async fn unlink(&self, req: Unlink) -> Result<Changes> {
+        let ((), changes) = self
+            .write_with_changes(move |ctx| namespace::unlink(ctx, req.parent, &req.name))
+            .await?;
+        Ok(changes)
     }
 
-    pub async fn remove_dir(&self, req: RemoveDir) -> Result<()> {
-        self.write(move |ctx| namespace::remove_dir(ctx, req.parent, &req.name))
-            .await
+    pub async fn remove_dir(&self, req: RemoveDir) -> Result<Changes> {
+        let ((), changes) = self
+            .write_with_changes(move |ctx| namespace::remove_dir(ctx, req.parent, &req.name))
+            .await?;
+        Ok(changes)
     }
 
-    pub async fn rename(&self, req: Rename) -> Result<()> {
-        self.write(move |ctx| namespace::rename(ctx, req.parent, &req.name, req.new_parent, &req.new_name, req.mode))
-            .await
+    pub async fn rename(&self, req: Rename) -> Result<Changes> {
+        let ((), changes) = self
+            .write_with_changes(move |ctx| {
+                namespace::rename(ctx, req.parent, &req.name, req.new_parent, &req.new_name, req.mode)
+            })
+            .await?;
+        Ok(changes)
     }
 
-    pub async fn link(&self, req: Link) -> Result<Attr> {
-        self.write(move |ctx| namespace::link(ctx, req.ino, req.new_parent, &req.new_name))
-            .await
+    pub async fn link(&self, req: Link) -> Result<NewEntry> {
+        let (attr, changes) = self
+            .write_with_changes(move |ctx| namespace::link(ctx, req.ino, req.new_parent, &req.new_name))
+            .await?;
+        Ok(NewEntry { attr, changes })
     }
 
     // ------------------------------------------------------------------------------------------

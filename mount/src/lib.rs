@@ -1,6 +1,7 @@
 //! dfs-mount: the cluster as a POSIX file system through FUSE. Metadata goes to the
 //! metaserver, file bytes straight to and from the storage daemons.
 
+pub mod attrs;
 pub mod dir;
 pub mod error;
 pub mod fuse;

@@ -169,7 +169,8 @@ fn serve(config: &Config, tls: &TlsIdentity, mountpoint: &Path, ready: &mut Read
             .await
             .with_context(|| format!("cannot reach the metaserver at {}", config.cluster.metaserver))?;
         let storage = StoragePool::new(endpoint, timeouts.connect);
-        let mount = Arc::new(Mount::new(meta, storage, session.chunk_size, timeouts));
+        let attr_ttl = Duration::from_millis(client.attr_timeout_ms);
+        let mount = Arc::new(Mount::new(meta, storage, session.chunk_size, timeouts, attr_ttl));
         anyhow::Ok((mount, Duration::from_millis(session.keepalive_ms as u64)))
     })?;
 

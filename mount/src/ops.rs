@@ -12,6 +12,7 @@ use dfs_proto::meta::*;
 use dfs_proto::types::{Attr, FileKind, Ino, Timestamp};
 use tokio::sync::mpsc;
 
+use crate::attrs::AttrCache;
 use crate::dir::DirHandle;
 use crate::error::{FsError, FsResult};
 use crate::inode::{
@@ -34,6 +35,7 @@ pub struct Mount {
     pub storage: StoragePool,
     pub chunk_size: u64,
     pub timeouts: Timeouts,
+    attrs: AttrCache,
     inodes: Mutex<HashMap<Ino, Arc<InodeState>>>,
     /// The (mtime, size) each inode had when this mount last filled or wrote its page cache:
     /// an open that finds the same version keeps the cache.
@@ -62,12 +64,20 @@ fn storage_down(ino: Ino, loc: &ChunkLocation) -> FsError {
 }
 
 impl Mount {
-    pub fn new(meta: Arc<MetaClient>, storage: StoragePool, chunk_size: u64, timeouts: Timeouts) -> Self {
+    /// `attr_ttl`: how long attributes learned from replies may answer the kernel.
+    pub fn new(
+        meta: Arc<MetaClient>,
+        storage: StoragePool,
+        chunk_size: u64,
+        timeouts: Timeouts,
+        attr_ttl: Duration,
+    ) -> Self {
         Mount {
             meta,
             storage,
             chunk_size,
             timeouts,
+            attrs: AttrCache::new(attr_ttl),
             inodes: Mutex::new(HashMap::new()),
             cached_versions: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
@@ -112,6 +122,7 @@ impl Mount {
     /// Attributes as this mount should report them (uncommitted writes and held-back
     /// attribute changes included).
     fn visible(&self, attr: Attr) -> Attr {
+        self.attrs.put(&attr);
         match self.state(attr.ino) {
             Some(state) => {
                 state.remember(&attr);
@@ -130,7 +141,11 @@ impl Mount {
     }
 
     pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
-        Ok(self.visible(self.meta.call(GetAttr { ino }).await?))
+        let attr = match self.attrs.get(ino) {
+            Some(a) => a,
+            None => self.meta.call(GetAttr { ino }).await?,
+        };
+        Ok(self.visible(attr))
     }
 
     pub async fn setattr(&self, req: SetAttr) -> FsResult<Attr> {
@@ -172,36 +187,42 @@ impl Mount {
 
     pub async fn make_node(&self, req: MakeNode) -> FsResult<Attr> {
         check_name(&req.name)?;
-        Ok(self.meta.call(req).await?)
+        let entry = self.meta.call(req).await?;
+        self.attrs.apply(&entry.changes);
+        Ok(self.visible(entry.attr))
     }
 
     pub async fn unlink(&self, parent: Ino, name: Vec<u8>) -> FsResult<()> {
         check_name(&name)?;
-        Ok(self.meta.call(Unlink { parent, name }).await?)
+        self.attrs.apply(&self.meta.call(Unlink { parent, name }).await?);
+        Ok(())
     }
 
     pub async fn rmdir(&self, parent: Ino, name: Vec<u8>) -> FsResult<()> {
         check_name(&name)?;
-        Ok(self.meta.call(RemoveDir { parent, name }).await?)
+        self.attrs.apply(&self.meta.call(RemoveDir { parent, name }).await?);
+        Ok(())
     }
 
     pub async fn rename(&self, req: Rename) -> FsResult<()> {
         check_name(&req.name)?;
         check_name(&req.new_name)?;
-        Ok(self.meta.call(req).await?)
+        self.attrs.apply(&self.meta.call(req).await?);
+        Ok(())
     }
 
     pub async fn link(&self, ino: Ino, new_parent: Ino, new_name: Vec<u8>) -> FsResult<Attr> {
         check_name(&new_name)?;
-        Ok(self.visible(
-            self.meta
-                .call(Link {
-                    ino,
-                    new_parent,
-                    new_name,
-                })
-                .await?,
-        ))
+        let entry = self
+            .meta
+            .call(Link {
+                ino,
+                new_parent,
+                new_name,
+            })
+            .await?;
+        self.attrs.apply(&entry.changes);
+        Ok(self.visible(entry.attr))
     }
 
     pub async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
@@ -258,6 +279,7 @@ impl Mount {
                 e
             })?;
         let attr = created.attr;
+        self.attrs.apply(&created.changes);
         let state = self.acquire_state(attr.ino);
         {
             let mut cache = state.cache.lock().await;
@@ -395,6 +417,7 @@ impl Mount {
         // The page cache holds what was just written: that is this version.
         self.note_cached_version(&attr);
         state.remember(&attr);
+        self.attrs.put(&attr);
         let mut cache = state.cache.lock().await;
         cache.size = attr.size;
         cache.invalidate();

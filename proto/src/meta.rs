@@ -15,15 +15,15 @@ service! {
         GetAttr => Attr,
         ReadDir => DirPage,
         ReadLink => Vec<u8>,
-        MakeNode => Attr,
+        MakeNode => NewEntry,
         Create => Created,
         Open => Opened,
         Release => (),
         SetAttr => Attr,
-        Unlink => (),
-        RemoveDir => (),
-        Rename => (),
-        Link => Attr,
+        Unlink => Changes,
+        RemoveDir => Changes,
+        Rename => Changes,
+        Link => NewEntry,
         ChunkMap => ChunkMapReply,
         AllocatePiece => Allocation,
         CommitWrite => Attr,
@@ -103,6 +103,22 @@ pub struct ReadLink {
     pub ino: Ino,
 }
 
+/// What an operation changed besides its own answer: the new attributes of every inode it
+/// modified (the parent directory's mtime and link count, say) and the inodes it deleted. The
+/// kernel re-checks exactly those; a mount answers from this instead of asking again.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub changed: Vec<Attr>,
+    pub removed: Vec<Ino>,
+}
+
+/// A new directory entry and what creating it changed.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct NewEntry {
+    pub attr: Attr,
+    pub changes: Changes,
+}
+
 /// Creates a directory, symlink, device node, fifo or socket (anything without data pieces).
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct MakeNode {
@@ -138,6 +154,7 @@ pub struct Created {
     pub created: bool,
     /// A piece for the file's first chunk, so that a small file needs no further placement call.
     pub first_piece: Option<Allocation>,
+    pub changes: Changes,
 }
 
 /// Registers an open handle (so the file outlives its last link until released).
