@@ -65,6 +65,9 @@ pub struct Writer {
     pub error: Option<FsError>,
     /// A piece the metaserver set aside for chunk 0 when it created the file.
     pub first_piece: Option<Allocation>,
+    /// Created by this mount and not committed since: attribute changes wait for the close even
+    /// if nothing is written (tar creates empty files, then sets their times, owner and mode).
+    pub fresh: bool,
     pub clock: u64,
     pub last_write: Instant,
 }
@@ -79,6 +82,7 @@ impl Default for Writer {
             dirty: false,
             error: None,
             first_piece: None,
+            fresh: false,
             clock: 0,
             last_write: Instant::now(),
         }
@@ -154,6 +158,7 @@ impl Writer {
         self.done.clear();
         self.end = 0;
         self.dirty = false;
+        self.fresh = false;
         self.error = None;
     }
 }

@@ -158,10 +158,12 @@ impl Mount {
             None => None,
         };
         if let (Some(state), Some(w)) = (&state, writer.as_mut()) {
-            if !truncates && req.ctime.is_none() && w.dirty && w.error.is_none() {
+            if !truncates && req.ctime.is_none() && (w.dirty || w.fresh) && w.error.is_none() {
                 // A file being written: like the writes, the change is committed at close or
                 // fsync (tar and cp -p set times and modes on files they are writing).
                 state.hold_attrs(&req.changes);
+                w.dirty = true;
+                state.mark_dirty(0);
                 let attr = match state.last_attr() {
                     Some(a) => a,
                     None => self.meta.call(GetAttr { ino }).await?,
@@ -290,8 +292,10 @@ impl Mount {
                 cache.invalidate();
             }
         }
-        if let Some(first) = created.first_piece {
-            state.writer.lock().await.first_piece = Some(first);
+        {
+            let mut w = state.writer.lock().await;
+            w.first_piece = created.first_piece;
+            w.fresh = created.created;
         }
         self.register_handle(fh, attr.ino);
         // A new file has no cached pages; an existing one keeps them if unchanged.
@@ -411,6 +415,7 @@ impl Mount {
         })?;
         w.done.clear();
         w.dirty = false;
+        w.fresh = false;
         w.end = 0;
         state.clear_held_attrs();
         state.mark_clean();
