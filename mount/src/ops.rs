@@ -171,7 +171,7 @@ impl Mount {
                 return Ok(self.visible(attr));
             }
             // Queued writes land first, so a truncate or utimens applies after them.
-            self.commit(state, w).await?;
+            self.commit(state, w, "setattr").await?;
         }
         let attr = self.meta.call(req).await?;
         if truncates {
@@ -377,7 +377,7 @@ impl Mount {
     /// are dropped, and the file stays as it was last committed.
     async fn flush_inode(&self, state: &InodeState) -> FsResult<()> {
         let mut w = state.writer.lock().await;
-        match self.commit(state, &mut w).await {
+        match self.commit(state, &mut w, "flush").await {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::warn!("inode {}: uncommitted writes dropped: {e}", state.ino);
@@ -393,7 +393,10 @@ impl Mount {
     /// Waits for every piece being written to be durable, then commits them all (with the
     /// attribute changes held back meanwhile), or none if any write failed. A failure is kept
     /// for `flush_inode` to report.
-    async fn commit(&self, state: &InodeState, w: &mut Writer) -> FsResult<()> {
+    async fn commit(&self, state: &InodeState, w: &mut Writer, why: &'static str) -> FsResult<()> {
+        if w.dirty {
+            tracing::debug!("inode {}: commit ({why})", state.ino);
+        }
         w.settle_all().await;
         if let Some(e) = &w.error {
             return Err(e.clone());
@@ -432,7 +435,7 @@ impl Mount {
     /// Commits files nobody has written to for a while (run for the life of the mount).
     pub async fn commit_idle_writers(&self) {
         loop {
-            tokio::time::sleep(IDLE_COMMIT / 2).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
             let states: Vec<Arc<InodeState>> = self.inodes.lock().expect("inodes").values().cloned().collect();
             for state in states.into_iter().filter(|s| s.is_dirty()) {
                 // A writer busy right now is not idle.
@@ -440,7 +443,7 @@ impl Mount {
                 if w.dirty
                     && w.error.is_none()
                     && w.last_write.elapsed() >= IDLE_COMMIT
-                    && let Err(e) = self.commit(&state, &mut w).await
+                    && let Err(e) = self.commit(&state, &mut w, "idle").await
                 {
                     tracing::warn!("inode {}: background commit failed (reported at close): {e}", state.ino);
                     w.error.get_or_insert(e);
@@ -551,7 +554,7 @@ impl Mount {
         if w.has_pending(chunk) {
             // Back to a chunk whose new piece is written but not committed: commit it first,
             // so that the next piece starts from it (copy-on-write of the committed piece).
-            self.commit(state, w).await?;
+            self.commit(state, w, "rewrite of a pending chunk").await?;
         }
         let mut alloc = match w.first_piece.take() {
             Some(a) if chunk == 0 => a,
@@ -634,7 +637,7 @@ impl Mount {
         if state.is_dirty() {
             // Reads see this mount's own writes: commit them first.
             let mut w = state.writer.lock().await;
-            self.commit(&state, &mut w).await?;
+            self.commit(&state, &mut w, "read").await?;
         }
         if size == 0 {
             return Ok(Vec::new());

@@ -1,0 +1,49 @@
+//! Writes held back by a mount reach the cluster without a close when the writer goes idle.
+//!
+//! Alone in its test binary on purpose: a process that forks while it holds a file open (as
+//! the other tests do to run cp or tar) makes the child close an inherited copy of the
+//! descriptor at exec, which is a real close (a FUSE flush) that commits the writes.
+
+use std::process::Command;
+
+use dfs_tests::{Cluster, data, run};
+
+fn cmp(a: &std::path::Path, b: &std::path::Path) {
+    run(Command::new("cmp").arg(a).arg(b));
+}
+
+/// Applies the same positioned writes to a file on the mount and to a local model of it.
+fn write_both(mounted: &std::fs::File, model: &std::fs::File, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    mounted.write_all_at(data, offset).unwrap();
+    model.write_all_at(data, offset).unwrap();
+}
+
+#[test]
+fn a_writer_that_pauses_keeps_its_data_and_others_see_it_before_close() {
+    let mut cluster = Cluster::start(2);
+    let mnt = cluster.mount();
+    let other = cluster.mount();
+    let local = tempfile::tempdir().unwrap();
+    let mounted = std::fs::File::create(mnt.join("slow")).unwrap();
+    let model = std::fs::File::create(local.path().join("slow")).unwrap();
+    let first = data::bytes(300_000, 1);
+    write_both(&mounted, &model, 0, &first);
+    // The mount commits a writer's data once it has been idle for 10 s, so another mount sees it
+    // even though the file is still open (and the stream to the daemon does not sit idle).
+    let started = std::time::Instant::now();
+    dfs_tests::wait_until(
+        "the idle writer's data to be committed",
+        std::time::Duration::from_secs(25),
+        || std::fs::read(other.join("slow")).is_ok_and(|d| d == first),
+    );
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(8),
+        "committed before the writer was idle"
+    );
+    write_both(&mounted, &model, 250_000, &data::bytes(100_000, 2));
+    drop(mounted);
+    drop(model);
+    cmp(&local.path().join("slow"), &mnt.join("slow"));
+    cmp(&local.path().join("slow"), &other.join("slow"));
+}
