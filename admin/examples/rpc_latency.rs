@@ -20,7 +20,7 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let endpoint = dfs_proto::endpoint::client(tls.client_config().unwrap(), false).unwrap();
+        let endpoint = dfs_proto::endpoint::client(tls.client_config().unwrap()).unwrap();
         let t = Duration::from_secs(5);
         let peer = Peer::new(
             endpoint,

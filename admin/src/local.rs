@@ -38,9 +38,16 @@ pub fn default_dir() -> PathBuf {
     dirs::data_dir().unwrap_or_else(|| PathBuf::from(".")).join("dfs")
 }
 
-/// A UDP port that is free on `host` right now.
-pub fn free_udp_port(host: &str) -> std::io::Result<u16> {
-    Ok(UdpSocket::bind((host, 0))?.local_addr()?.port())
+/// A free UDP address on `host` (an IP address) right now, as `host:port` (`[v6]:port`).
+pub fn free_udp_addr(host: &str) -> std::io::Result<String> {
+    let ip: std::net::IpAddr = host.parse().map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{host:?} is not an IP address"),
+        )
+    })?;
+    let port = UdpSocket::bind((ip, 0))?.local_addr()?.port();
+    Ok(std::net::SocketAddr::new(ip, port).to_string())
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LocalError + '_ {
@@ -64,7 +71,8 @@ fn cert_files(name: &str) -> (PathBuf, PathBuf) {
 }
 
 /// Loads `DIR/dfs.toml`, creating the whole cluster directory first if it does not exist, and
-/// adds storage daemons until there are at least `daemons`.
+/// adds storage daemons until there are at least `daemons`. `host` is the IP address every
+/// process listens on.
 pub fn prepare(dir: &Path, daemons: usize, host: &str) -> Result<Config, LocalError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let config_path = dir.join(CONFIG_FILE);
@@ -100,7 +108,7 @@ fn create(dir: &Path, host: &str) -> Result<(), LocalError> {
             issue(dir, &ca, name, host)?;
         }
     }
-    let meta_addr = format!("{host}:{}", free_udp_port(host).map_err(io(dir))?);
+    let meta_addr = free_udp_addr(host).map_err(io(dir))?;
     let (mcert, mkey) = cert_files(METASERVER_NAME);
     let (ccert, ckey) = cert_files(CLIENT_NAME);
     let config = Config {
@@ -128,7 +136,7 @@ fn new_storage_daemon(dir: &Path, config: &Config, ca: &PemPair, host: &str) -> 
         issue(dir, ca, &name, host)?;
     }
     let (cert, key) = cert_files(&name);
-    let listen = format!("{host}:{}", free_udp_port(host).map_err(io(dir))?);
+    let listen = free_udp_addr(host).map_err(io(dir))?;
     Ok(StoragedConfig::new(
         name.clone(),
         listen,

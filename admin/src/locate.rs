@@ -41,8 +41,8 @@ pub enum LocateError {
 pub async fn locate(config: &Config, paths: &[PathBuf], timeout: Duration) -> Result<Vec<Located>, LocateError> {
     let client = config.client().map_err(StatusError::from)?;
     let tls = TlsIdentity::load(&config.tls_files(&client.cert, &client.key)).map_err(StatusError::from)?;
-    let endpoint = dfs_proto::endpoint::client(tls.client_config().map_err(StatusError::from)?, false)
-        .map_err(StatusError::from)?;
+    let endpoint =
+        dfs_proto::endpoint::client(tls.client_config().map_err(StatusError::from)?).map_err(StatusError::from)?;
     let peer = Peer::new(
         endpoint.clone(),
         config.cluster.metaserver.clone(),

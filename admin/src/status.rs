@@ -24,7 +24,7 @@ pub enum StatusError {
 pub async fn fetch(config: &Config, timeout: Duration) -> Result<ClusterReport, StatusError> {
     let client = config.client()?;
     let tls = TlsIdentity::load(&config.tls_files(&client.cert, &client.key))?;
-    let endpoint = dfs_proto::endpoint::client(tls.client_config()?, false)?;
+    let endpoint = dfs_proto::endpoint::client(tls.client_config()?)?;
     let peer = Peer::new(
         endpoint.clone(),
         config.cluster.metaserver.clone(),

@@ -156,7 +156,7 @@ fn serve(config: &Config, tls: &TlsIdentity, mountpoint: &Path, ready: &mut Read
     };
     let client_name = format!("{}:{} (pid {})", hostname(), mountpoint.display(), std::process::id());
     let (mount, keepalive) = runtime.block_on(async {
-        let endpoint = dfs_proto::endpoint::client(tls.client_config()?, false)?;
+        let endpoint = dfs_proto::endpoint::client(tls.client_config()?)?;
         let peer = Peer::new(
             endpoint.clone(),
             config.cluster.metaserver.clone(),

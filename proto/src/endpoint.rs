@@ -68,6 +68,10 @@ fn set_buffer(socket: &Socket, force_opt: libc::c_int, set: impl Fn(&Socket) -> 
 pub fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, EndpointError> {
     let bind_err = |source| EndpointError::Bind { addr, source };
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(bind_err)?;
+    if addr.is_ipv6() {
+        // Dual stack: an IPv6 socket also reaches IPv4 peers (as mapped addresses).
+        socket.set_only_v6(false).map_err(bind_err)?;
+    }
     set_buffer(&socket, libc::SO_RCVBUFFORCE, |s| {
         s.set_recv_buffer_size(UDP_BUFFER_BYTES)
     });
@@ -105,14 +109,15 @@ pub fn server(
     Ok(endpoint)
 }
 
-/// A client-only endpoint on an ephemeral port.
-pub fn client(client: quinn::ClientConfig, ipv6: bool) -> Result<Endpoint, EndpointError> {
-    let addr: SocketAddr = if ipv6 {
-        "[::]:0".parse().expect("literal")
-    } else {
-        "0.0.0.0:0".parse().expect("literal")
+/// A client-only endpoint on an ephemeral port, reaching IPv6 and IPv4 peers (IPv4 only where
+/// the host has IPv6 disabled).
+pub fn client(client: quinn::ClientConfig) -> Result<Endpoint, EndpointError> {
+    let dual: SocketAddr = "[::]:0".parse().expect("literal");
+    let v4: SocketAddr = "0.0.0.0:0".parse().expect("literal");
+    let (socket, addr) = match bind_udp(dual) {
+        Ok(socket) => (socket, dual),
+        Err(_) => (bind_udp(v4)?, v4),
     };
-    let socket = bind_udp(addr)?;
     let mut endpoint = Endpoint::new(EndpointConfig::default(), None, socket, Arc::new(TokioRuntime))
         .map_err(|source| EndpointError::Start { addr, source })?;
     endpoint.set_default_client_config(client);

@@ -17,7 +17,7 @@ fn try_both(cluster: &Cluster, identity: &TlsIdentity) -> (Result<(), RpcError>,
         .build()
         .unwrap();
     rt.block_on(async {
-        let endpoint = dfs_proto::endpoint::client(identity.client_config().unwrap(), false).unwrap();
+        let endpoint = dfs_proto::endpoint::client(identity.client_config().unwrap()).unwrap();
         let t = Duration::from_secs(3);
         let meta = Peer::new(
             endpoint.clone(),
@@ -86,7 +86,7 @@ fn peers_without_a_cluster_certificate_are_refused() {
             .with_no_client_auth();
         tls.alpn_protocols = vec![dfs_proto::tls::ALPN.to_vec()];
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-        let endpoint = dfs_proto::endpoint::client(quinn::ClientConfig::new(std::sync::Arc::new(quic)), false).unwrap();
+        let endpoint = dfs_proto::endpoint::client(quinn::ClientConfig::new(std::sync::Arc::new(quic))).unwrap();
         let t = Duration::from_secs(3);
         let meta = Peer::new(endpoint, cluster.config.cluster.metaserver.clone(), "metaserver", t);
         let err = meta
@@ -117,7 +117,7 @@ fn peers_without_a_cluster_certificate_are_refused() {
                 let _ = incoming.await;
             }
         });
-        let endpoint = dfs_proto::endpoint::client(good.client_config().unwrap(), false).unwrap();
+        let endpoint = dfs_proto::endpoint::client(good.client_config().unwrap()).unwrap();
         let t = Duration::from_secs(3);
         let impostor = Peer::new(endpoint, format!("127.0.0.1:{port}"), s.name.clone(), t);
         let err = impostor
@@ -126,4 +126,18 @@ fn peers_without_a_cluster_certificate_are_refused() {
             .expect_err("a server outside the CA must be refused");
         assert!(err.is_unavailable(), "{err}");
     });
+}
+
+#[test]
+fn a_cluster_on_ipv6_loopback_works() {
+    let mut cluster = Cluster::with(dfs_tests::Options {
+        storage_daemons: 2,
+        host: "::1",
+        ..Default::default()
+    });
+    assert!(cluster.config.cluster.metaserver.starts_with("[::1]:"));
+    let mnt = cluster.mount();
+    let body = dfs_tests::data::bytes(200_000, 9);
+    std::fs::write(mnt.join("v6"), &body).unwrap();
+    assert_eq!(std::fs::read(mnt.join("v6")).unwrap(), body);
 }

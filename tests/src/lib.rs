@@ -139,6 +139,8 @@ impl Proc {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub storage_daemons: usize,
+    /// The IP address every process listens on.
+    pub host: &'static str,
     /// Edits applied to the generated config before anything starts.
     pub tweak: fn(&mut Config),
 }
@@ -147,6 +149,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             storage_daemons: 3,
+            host: "127.0.0.1",
             tweak: |_| {},
         }
     }
@@ -176,7 +179,7 @@ impl Cluster {
             .prefix("dfs-test.")
             .tempdir()
             .expect("temp dir");
-        let mut config = dfs_admin::local::prepare(dir.path(), opts.storage_daemons, "127.0.0.1").expect("cluster dir");
+        let mut config = dfs_admin::local::prepare(dir.path(), opts.storage_daemons, opts.host).expect("cluster dir");
         (opts.tweak)(&mut config);
         config.save(&config.path).expect("save config");
         std::fs::create_dir_all(dir.path().join("logs")).expect("logs dir");
