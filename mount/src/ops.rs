@@ -119,10 +119,16 @@ impl Mount {
         state.clone()
     }
 
+    /// Attributes just received from the metaserver: remembered (for the kernel's re-checks),
+    /// and returned as this mount should report them.
+    fn learned(&self, attr: Attr) -> Attr {
+        self.attrs.put(&attr);
+        self.visible(attr)
+    }
+
     /// Attributes as this mount should report them (uncommitted writes and held-back
     /// attribute changes included).
     fn visible(&self, attr: Attr) -> Attr {
-        self.attrs.put(&attr);
         match self.state(attr.ino) {
             Some(state) => {
                 state.remember(&attr);
@@ -137,15 +143,14 @@ impl Mount {
 
     pub async fn lookup(&self, parent: Ino, name: Vec<u8>) -> FsResult<Attr> {
         check_name(&name)?;
-        Ok(self.visible(self.meta.call(Lookup { parent, name }).await?))
+        Ok(self.learned(self.meta.call(Lookup { parent, name }).await?))
     }
 
     pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
-        let attr = match self.attrs.get(ino) {
-            Some(a) => a,
-            None => self.meta.call(GetAttr { ino }).await?,
-        };
-        Ok(self.visible(attr))
+        match self.attrs.get(ino) {
+            Some(cached) => Ok(self.visible(cached)),
+            None => Ok(self.learned(self.meta.call(GetAttr { ino }).await?)),
+        }
     }
 
     pub async fn setattr(&self, req: SetAttr) -> FsResult<Attr> {
@@ -164,11 +169,10 @@ impl Mount {
                 state.hold_attrs(&req.changes);
                 w.dirty = true;
                 state.mark_dirty(0);
-                let attr = match state.last_attr() {
-                    Some(a) => a,
-                    None => self.meta.call(GetAttr { ino }).await?,
+                return match state.last_attr() {
+                    Some(a) => Ok(self.visible(a)),
+                    None => Ok(self.learned(self.meta.call(GetAttr { ino }).await?)),
                 };
-                return Ok(self.visible(attr));
             }
             // Queued writes land first, so a truncate or utimens applies after them.
             self.commit(state, w, "setattr").await?;
@@ -184,14 +188,14 @@ impl Mount {
             }
         }
         drop(writer);
-        Ok(self.visible(attr))
+        Ok(self.learned(attr))
     }
 
     pub async fn make_node(&self, req: MakeNode) -> FsResult<Attr> {
         check_name(&req.name)?;
         let entry = self.meta.call(req).await?;
         self.attrs.apply(&entry.changes);
-        Ok(self.visible(entry.attr))
+        Ok(self.learned(entry.attr))
     }
 
     pub async fn unlink(&self, parent: Ino, name: Vec<u8>) -> FsResult<()> {
@@ -224,7 +228,7 @@ impl Mount {
             })
             .await?;
         self.attrs.apply(&entry.changes);
-        Ok(self.visible(entry.attr))
+        Ok(self.learned(entry.attr))
     }
 
     pub async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
@@ -302,7 +306,7 @@ impl Mount {
         let keep_cache = self.note_cached_version(&attr) && !created.created;
         Ok(OpenedFile {
             fh,
-            attr: self.visible(attr),
+            attr: self.learned(attr),
             keep_cache,
         })
     }
@@ -330,7 +334,7 @@ impl Mount {
         let keep_cache = self.note_cached_version(&opened.attr) || state.is_dirty();
         Ok(OpenedFile {
             fh,
-            attr: self.visible(opened.attr),
+            attr: self.learned(opened.attr),
             keep_cache,
         })
     }
@@ -706,7 +710,10 @@ impl Mount {
     // Directories
 
     pub async fn opendir(&self, ino: Ino) -> FsResult<u64> {
-        let attr = self.meta.call(GetAttr { ino }).await?;
+        let attr = match self.attrs.get(ino) {
+            Some(a) => a,
+            None => self.learned(self.meta.call(GetAttr { ino }).await?),
+        };
         if attr.kind != FileKind::Directory {
             return Err(FsError::new(libc::ENOTDIR, format!("inode {ino} is not a directory")));
         }
@@ -742,7 +749,7 @@ impl Mount {
             })
             .await?;
         let entries = page.entries.into_iter().map(|mut e| {
-            e.attr = self.visible(e.attr);
+            e.attr = self.learned(e.attr);
             e
         });
         handle.append(entries.collect(), page.more);
