@@ -1,13 +1,8 @@
 //! Files and trees go through the mount and come back byte for byte, with plain coreutils.
 
-use std::path::Path;
 use std::process::Command;
 
-use dfs_tests::{Cluster, data, run, sh};
-
-fn cmp(a: &Path, b: &Path) {
-    run(Command::new("cmp").arg(a).arg(b));
-}
+use dfs_tests::{Cluster, cmp, data, run, sh, write_both};
 
 #[test]
 fn files_of_every_size_round_trip_with_cp() {
@@ -143,13 +138,6 @@ fn sparse_writes_beyond_four_gib_and_holes_read_as_zeros() {
     f.set_len(10).unwrap();
     drop(f);
     assert_eq!(std::fs::read(&path).unwrap(), b"he\0\0\0\0\0\0\0\0");
-}
-
-/// Applies the same positioned writes to a file on the mount and to a local model of it.
-fn write_both(mounted: &std::fs::File, model: &std::fs::File, offset: u64, data: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    mounted.write_all_at(data, offset).unwrap();
-    model.write_all_at(data, offset).unwrap();
 }
 
 #[test]

@@ -4,20 +4,7 @@
 //! the other tests do to run cp or tar) makes the child close an inherited copy of the
 //! descriptor at exec, which is a real close (a FUSE flush) that commits the writes.
 
-use std::process::Command;
-
-use dfs_tests::{Cluster, data, run};
-
-fn cmp(a: &std::path::Path, b: &std::path::Path) {
-    run(Command::new("cmp").arg(a).arg(b));
-}
-
-/// Applies the same positioned writes to a file on the mount and to a local model of it.
-fn write_both(mounted: &std::fs::File, model: &std::fs::File, offset: u64, data: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    mounted.write_all_at(data, offset).unwrap();
-    model.write_all_at(data, offset).unwrap();
-}
+use dfs_tests::{Cluster, cmp, data, write_both};
 
 #[test]
 fn a_writer_that_pauses_keeps_its_data_and_others_see_it_before_close() {

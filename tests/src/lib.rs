@@ -466,3 +466,15 @@ pub fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     let r = f();
     (r, start.elapsed())
 }
+
+/// Fails the test unless the two files have the same bytes (`cmp`).
+pub fn cmp(a: &Path, b: &Path) {
+    run(Command::new("cmp").arg(a).arg(b));
+}
+
+/// Applies the same positioned write to a file on the mount and to a local model of it.
+pub fn write_both(mounted: &File, model: &File, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    mounted.write_all_at(data, offset).expect("write on the mount");
+    model.write_all_at(data, offset).expect("write to the model");
+}
