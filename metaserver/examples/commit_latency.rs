@@ -65,6 +65,7 @@ fn main() {
                 client: "bench".into(),
                 resume: None,
                 open_files: vec![],
+                locks: vec![],
             })
             .await
             .unwrap()

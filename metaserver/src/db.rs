@@ -49,6 +49,7 @@ pub trait Tables {
     fn inodes(&self) -> &impl ReadableTable<u64, &'static [u8]>;
     fn dirents(&self) -> &impl ReadableTable<(u64, &'static [u8]), u64>;
     fn chunks(&self) -> &impl ReadableTable<(u64, u64), (u64, u32, u64)>;
+    fn xattrs(&self) -> &impl ReadableTable<(u64, &'static [u8]), &'static [u8]>;
 }
 
 /// What a committed write means for the in-memory view (registry, reaper).
@@ -67,6 +68,7 @@ pub struct WriteCtx<'t> {
     pub inodes: Table<'t, u64, &'static [u8]>,
     pub dirents: Table<'t, (u64, &'static [u8]), u64>,
     pub chunks: Table<'t, (u64, u64), (u64, u32, u64)>,
+    pub xattrs: Table<'t, (u64, &'static [u8]), &'static [u8]>,
     pub node_pieces: Table<'t, (u32, u64), (u64, u64, u64)>,
     pub deletes: Table<'t, (u32, u64), ()>,
     pub orphans: Table<'t, u64, ()>,
@@ -94,6 +96,7 @@ impl<'t> WriteCtx<'t> {
             inodes: txn.open_table(INODES)?,
             dirents: txn.open_table(DIRENTS)?,
             chunks: txn.open_table(CHUNKS)?,
+            xattrs: txn.open_table(XATTRS)?,
             node_pieces: txn.open_table(NODE_PIECES)?,
             deletes: txn.open_table(DELETES)?,
             orphans: txn.open_table(ORPHANS)?,
@@ -113,8 +116,11 @@ impl<'t> WriteCtx<'t> {
         Ok(())
     }
 
+    /// Removes an inode and its extended attributes.
     pub fn remove_inode(&mut self, ino: u64) -> Result<()> {
         self.inodes.remove(ino)?;
+        self.xattrs
+            .retain_in((ino, &[][..])..(ino + 1, &[][..]), |_, _| false)?;
         self.touched.push((ino, None));
         Ok(())
     }
@@ -155,6 +161,9 @@ impl Tables for WriteCtx<'_> {
     fn chunks(&self) -> &impl ReadableTable<(u64, u64), (u64, u32, u64)> {
         &self.chunks
     }
+    fn xattrs(&self) -> &impl ReadableTable<(u64, &'static [u8]), &'static [u8]> {
+        &self.xattrs
+    }
 }
 
 /// A consistent snapshot for queries.
@@ -162,6 +171,7 @@ pub struct ReadCtx {
     pub inodes: ReadOnlyTable<u64, &'static [u8]>,
     pub dirents: ReadOnlyTable<(u64, &'static [u8]), u64>,
     pub chunks: ReadOnlyTable<(u64, u64), (u64, u32, u64)>,
+    pub xattrs: ReadOnlyTable<(u64, &'static [u8]), &'static [u8]>,
     pub node_pieces: ReadOnlyTable<(u32, u64), (u64, u64, u64)>,
     pub deletes: ReadOnlyTable<(u32, u64), ()>,
     pub orphans: ReadOnlyTable<u64, ()>,
@@ -176,6 +186,7 @@ impl ReadCtx {
             inodes: txn.open_table(INODES)?,
             dirents: txn.open_table(DIRENTS)?,
             chunks: txn.open_table(CHUNKS)?,
+            xattrs: txn.open_table(XATTRS)?,
             node_pieces: txn.open_table(NODE_PIECES)?,
             deletes: txn.open_table(DELETES)?,
             orphans: txn.open_table(ORPHANS)?,
@@ -199,5 +210,8 @@ impl Tables for ReadCtx {
     }
     fn chunks(&self) -> &impl ReadableTable<(u64, u64), (u64, u32, u64)> {
         &self.chunks
+    }
+    fn xattrs(&self) -> &impl ReadableTable<(u64, &'static [u8]), &'static [u8]> {
+        &self.xattrs
     }
 }

@@ -4,6 +4,7 @@
 pub mod committer;
 pub mod db;
 pub mod error;
+pub mod locks;
 pub mod namespace;
 pub mod registry;
 pub mod schema;

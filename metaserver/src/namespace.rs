@@ -9,7 +9,10 @@
 use std::ops::Bound;
 
 use dfs_proto::ErrorKind;
-use dfs_proto::meta::{AttrChanges, DirEntry, DirPage, RenameMode, SetAttr, TimeSet, WrittenPiece};
+use dfs_proto::meta::{
+    AttrChanges, DirEntry, DirPage, MAX_XATTR_LIST, MAX_XATTR_NAME, MAX_XATTR_VALUE, RenameMode, SetAttr, TimeSet,
+    WrittenPiece, XattrMode,
+};
 use dfs_proto::names::{MAX_SYMLINK_LEN, validate_name};
 use dfs_proto::types::{Attr, FileKind, Ino, NodeId, ROOT_INO};
 use redb::ReadableTable;
@@ -696,6 +699,114 @@ pub fn ack_deletes(ctx: &mut WriteCtx<'_>, node: NodeId, pieces: &[u64]) -> Resu
     Ok(())
 }
 
+// ----------------------------------------------------------------------------------------------
+// Extended attributes
+
+/// Namespaces stored as opaque name/value pairs. `system.*` (ACLs and the like) would need the
+/// kernel to interpret them, which dfs does not offer.
+const XATTR_NAMESPACES: [&[u8]; 3] = [b"user.", b"trusted.", b"security."];
+
+fn check_xattr_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name.contains(&0) {
+        return Err(fs_err(ErrorKind::InvalidArgument, "empty or invalid attribute name"));
+    }
+    if name.len() > MAX_XATTR_NAME {
+        return Err(fs_err(
+            ErrorKind::OutOfRange,
+            format!("attribute name of {} bytes (at most {MAX_XATTR_NAME})", name.len()),
+        ));
+    }
+    if !XATTR_NAMESPACES
+        .iter()
+        .any(|ns| name.starts_with(ns) && name.len() > ns.len())
+    {
+        return Err(fs_err(
+            ErrorKind::Unsupported,
+            format!(
+                "attribute {:?}: only user.*, trusted.* and security.* are stored",
+                show(name)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+pub fn get_xattr(t: &impl Tables, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+    inode(t, ino)?;
+    check_xattr_name(name)?;
+    match t.xattrs().get((ino, name))? {
+        Some(v) => Ok(v.value().to_vec()),
+        None => Err(fs_err(
+            ErrorKind::NoAttribute,
+            format!("inode {ino} has no attribute {:?}", show(name)),
+        )),
+    }
+}
+
+pub fn list_xattrs(t: &impl Tables, ino: Ino) -> Result<Vec<Vec<u8>>> {
+    inode(t, ino)?;
+    let mut names = Vec::new();
+    for item in t.xattrs().range((ino, &[][..])..(ino + 1, &[][..]))? {
+        names.push(item?.0.value().1.to_vec());
+    }
+    Ok(names)
+}
+
+pub fn set_xattr(ctx: &mut WriteCtx<'_>, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<Attr> {
+    let mut rec = inode(ctx, ino)?;
+    check_xattr_name(name)?;
+    if value.len() > MAX_XATTR_VALUE {
+        return Err(fs_err(
+            ErrorKind::OutOfRange,
+            format!("attribute value of {} bytes (at most {MAX_XATTR_VALUE})", value.len()),
+        ));
+    }
+    let exists = ctx.xattrs.get((ino, name))?.is_some();
+    match (mode, exists) {
+        (XattrMode::Create, true) => {
+            return Err(fs_err(
+                ErrorKind::AlreadyExists,
+                format!("inode {ino} already has attribute {:?}", show(name)),
+            ));
+        }
+        (XattrMode::Replace, false) => {
+            return Err(fs_err(
+                ErrorKind::NoAttribute,
+                format!("inode {ino} has no attribute {:?}", show(name)),
+            ));
+        }
+        _ => {}
+    }
+    if !exists {
+        // listxattr must be able to return every name in one reply.
+        let listed: usize = list_xattrs(ctx, ino)?.iter().map(|n| n.len() + 1).sum();
+        if listed + name.len() + 1 > MAX_XATTR_LIST {
+            return Err(fs_err(
+                ErrorKind::NoSpace,
+                format!("inode {ino}: attribute names would exceed {MAX_XATTR_LIST} bytes"),
+            ));
+        }
+    }
+    ctx.xattrs.insert((ino, name), value)?;
+    rec.ctime = ctx.now;
+    ctx.put_inode(ino, &rec)?;
+    Ok(rec.attr(ino))
+}
+
+pub fn remove_xattr(ctx: &mut WriteCtx<'_>, ino: Ino, name: &[u8]) -> Result<Attr> {
+    let mut rec = inode(ctx, ino)?;
+    check_xattr_name(name)?;
+    if ctx.xattrs.remove((ino, name))?.is_none() {
+        return Err(fs_err(
+            ErrorKind::NoAttribute,
+            format!("inode {ino} has no attribute {:?}", show(name)),
+        ));
+    }
+    rec.ctime = ctx.now;
+    ctx.put_inode(ino, &rec)?;
+    Ok(rec.attr(ino))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1019,5 +1130,53 @@ mod tests {
         let b = f.write(|c| register_node(c, "storage-2", "127.0.0.1:2")).unwrap();
         let a2 = f.write(|c| register_node(c, "storage-1", "127.0.0.1:9")).unwrap();
         assert_eq!((a, b, a2), (1, 2, 1));
+    }
+
+    #[test]
+    fn xattrs_set_get_list_remove_and_go_with_the_inode() {
+        let f = Fixture::new();
+        let file = f.mk(ROOT_INO, "f", FileKind::RegularFile);
+        let set = |name: &str, value: &[u8], mode| f.write(|c| set_xattr(c, file, name.as_bytes(), value, mode));
+        set("user.a", b"1", XattrMode::Set).unwrap();
+        set("user.b", &[7u8; MAX_XATTR_VALUE], XattrMode::Create).unwrap();
+        assert_eq!(
+            f.kind_of(set("user.a", b"2", XattrMode::Create)),
+            ErrorKind::AlreadyExists
+        );
+        assert_eq!(
+            f.kind_of(set("user.c", b"2", XattrMode::Replace)),
+            ErrorKind::NoAttribute
+        );
+        assert_eq!(
+            f.kind_of(set("user.big", &[0u8; MAX_XATTR_VALUE + 1], XattrMode::Set)),
+            ErrorKind::OutOfRange
+        );
+        assert_eq!(
+            f.kind_of(set("system.posix_acl_access", b"", XattrMode::Set)),
+            ErrorKind::Unsupported
+        );
+        assert_eq!(f.kind_of(set("user.", b"", XattrMode::Set)), ErrorKind::Unsupported);
+        set("user.a", b"22", XattrMode::Replace).unwrap();
+        let r = f.read();
+        assert_eq!(get_xattr(&r, file, b"user.a").unwrap(), b"22");
+        assert_eq!(get_xattr(&r, file, b"user.b").unwrap().len(), MAX_XATTR_VALUE);
+        assert_eq!(f.kind_of(get_xattr(&r, file, b"user.zz")), ErrorKind::NoAttribute);
+        assert_eq!(
+            list_xattrs(&r, file).unwrap(),
+            vec![b"user.a".to_vec(), b"user.b".to_vec()]
+        );
+        drop(r);
+        f.write(|c| remove_xattr(c, file, b"user.a")).unwrap();
+        assert_eq!(
+            f.kind_of(f.write(|c| remove_xattr(c, file, b"user.a"))),
+            ErrorKind::NoAttribute
+        );
+        f.write(|c| {
+            unlink(c, ROOT_INO, b"f")?;
+            reap_orphan(c, file)
+        })
+        .unwrap();
+        let r = f.read();
+        assert_eq!(r.xattrs.iter().unwrap().count(), 0, "attributes go with their inode");
     }
 }

@@ -25,6 +25,8 @@ pub const NODE_PIECES: TableDefinition<(u32, u64), (u64, u64, u64)> = TableDefin
 pub const DELETES: TableDefinition<(u32, u64), ()> = TableDefinition::new("deletes");
 /// Inodes with no links left, kept while some mount still has them open.
 pub const ORPHANS: TableDefinition<u64, ()> = TableDefinition::new("orphans");
+/// (ino, attribute name) -> value: extended attributes.
+pub const XATTRS: TableDefinition<(u64, &[u8]), &[u8]> = TableDefinition::new("xattrs");
 /// Live mount sessions (awaited after a restart before anything unlinked is deleted).
 pub const SESSIONS: TableDefinition<u64, ()> = TableDefinition::new("sessions");
 /// node id -> postcard(NodeRecord)

@@ -64,6 +64,12 @@ async fn handle_stream(svc: Arc<MetaService>, mut send: SendStream, mut recv: Re
         MetaRequest::RegisterNode(r) => answer!(s, remote, RegisterNode, svc.register_node(r).await),
         MetaRequest::Heartbeat(r) => answer!(s, remote, Heartbeat, svc.heartbeat(r).await),
         MetaRequest::Inventory(r) => answer!(s, remote, Inventory, svc.inventory(r).await),
+        MetaRequest::GetXattr(r) => answer!(s, remote, GetXattr, svc.get_xattr(r).await),
+        MetaRequest::ListXattr(r) => answer!(s, remote, ListXattr, svc.list_xattr(r).await),
+        MetaRequest::SetXattr(r) => answer!(s, remote, SetXattr, svc.set_xattr(r).await),
+        MetaRequest::RemoveXattr(r) => answer!(s, remote, RemoveXattr, svc.remove_xattr(r).await),
+        MetaRequest::SetLock(r) => answer!(s, remote, SetLock, svc.set_lock(r).await),
+        MetaRequest::TestLock(r) => answer!(s, remote, TestLock, svc.test_lock(r).await),
     };
     if sent.is_ok() {
         let _ = send.finish();

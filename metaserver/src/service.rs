@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use crate::committer::Committer;
 use crate::db::{ReadCtx, WriteCtx};
 use crate::error::{MetaError, Result};
+use crate::locks::ClusterLocks;
 use crate::namespace::{self, NewNode};
 use crate::registry::{NoDaemon, Registry};
 use crate::schema::{ChunkRecord, NodeRecord, get_counter, keys};
@@ -44,6 +45,7 @@ pub struct MetaService {
     piece_ids: tokio::sync::Mutex<(PieceId, PieceId)>,
     inventories: Mutex<HashMap<NodeId, HashSet<PieceId>>>,
     reaper: Arc<Notify>,
+    locks: ClusterLocks,
     settings: Settings,
 }
 
@@ -127,6 +129,7 @@ impl MetaService {
             piece_ids: tokio::sync::Mutex::new((limit, limit)),
             inventories: Mutex::new(HashMap::new()),
             reaper,
+            locks: ClusterLocks::default(),
             settings,
         }))
     }
@@ -246,11 +249,23 @@ impl MetaService {
             Ok(())
         })
         .await?;
+        if let Some(old) = opened.replaces {
+            self.locks.release_session(old);
+        }
+        for (ino, range) in self.locks.reclaim(opened.session, &req.locks) {
+            tracing::error!(
+                "{} lost its lock on bytes {}..={} of inode {ino}: another mount took it while the session was away",
+                req.client,
+                range.start,
+                range.end
+            );
+        }
         tracing::info!(
-            "session {} opened by {} ({} open files)",
+            "session {} opened by {} ({} open files, {} locks)",
             opened.session,
             req.client,
-            req.open_files.len()
+            req.open_files.len(),
+            req.locks.len()
         );
         Ok(SessionInfo {
             session: opened.session,
@@ -260,6 +275,7 @@ impl MetaService {
     }
 
     pub async fn close_session(&self, req: CloseSession) -> Result<()> {
+        self.locks.release_session(req.session);
         if lock(&self.sessions).close_session(req.session) {
             tracing::info!("session {} closed", req.session);
             self.reaper.notify_one();
@@ -432,6 +448,44 @@ impl MetaService {
             .write_with_changes(move |ctx| namespace::link(ctx, req.ino, req.new_parent, &req.new_name))
             .await?;
         Ok(NewEntry { attr, changes })
+    }
+
+    pub async fn get_xattr(&self, req: GetXattr) -> Result<Vec<u8>> {
+        self.read(move |r| namespace::get_xattr(r, req.ino, &req.name)).await
+    }
+
+    pub async fn list_xattr(&self, req: ListXattr) -> Result<Vec<Vec<u8>>> {
+        self.read(move |r| namespace::list_xattrs(r, req.ino)).await
+    }
+
+    pub async fn set_xattr(&self, req: SetXattr) -> Result<Attr> {
+        self.write(move |ctx| namespace::set_xattr(ctx, req.ino, &req.name, &req.value, req.mode))
+            .await
+    }
+
+    pub async fn remove_xattr(&self, req: RemoveXattr) -> Result<Attr> {
+        self.write(move |ctx| namespace::remove_xattr(ctx, req.ino, &req.name))
+            .await
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Locks
+
+    pub async fn set_lock(&self, req: SetLock) -> Result<LockOutcome> {
+        if !lock(&self.sessions).renew(req.owner.session, Instant::now()) {
+            return Err(stale_session(req.owner.session));
+        }
+        if req.start > req.end {
+            return Err(MetaError::fs(
+                ErrorKind::InvalidArgument,
+                "lock range ends before it starts",
+            ));
+        }
+        Ok(self.locks.set(&req).await)
+    }
+
+    pub async fn test_lock(&self, req: TestLock) -> Result<Option<dfs_proto::locks::Conflict>> {
+        Ok(self.locks.test(&req))
     }
 
     // ------------------------------------------------------------------------------------------
@@ -694,7 +748,11 @@ impl MetaService {
         let expired = lock(&self.sessions).expire(now);
         if !expired.is_empty() {
             for (id, client) in &expired {
-                tracing::warn!("session {id} of {client} expired: its open files are released");
+                let held_locks = self.locks.release_session(*id);
+                tracing::warn!(
+                    "session {id} of {client} expired: its open files{} are released",
+                    if held_locks { " and locks" } else { "" }
+                );
             }
             let ids: Vec<u64> = expired.iter().map(|(id, _)| *id).collect();
             if let Err(e) = self

@@ -55,6 +55,11 @@ impl AttrCache {
         }
     }
 
+    /// Drops what is known of `ino` (it may have changed elsewhere).
+    pub fn forget(&self, ino: Ino) {
+        self.entries.lock().expect("attr cache").remove(&ino);
+    }
+
     /// The attributes of `ino` if learned within the TTL.
     pub fn get(&self, ino: Ino) -> Option<Attr> {
         let entries = self.entries.lock().expect("attr cache");

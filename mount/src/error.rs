@@ -39,6 +39,9 @@ impl FsError {
                 | libc::ENODATA
                 | libc::ERANGE
                 | libc::EMLINK
+                | libc::EAGAIN
+                | libc::EOPNOTSUPP
+                | libc::ESTALE
         )
     }
 

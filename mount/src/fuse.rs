@@ -14,8 +14,8 @@ use dfs_proto::types::{Attr, FileKind};
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle;
 
@@ -154,7 +154,9 @@ impl Filesystem for DfsFs {
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_AUTO_INVAL_DATA
             | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_ASYNC_DIO;
+            | InitFlags::FUSE_ASYNC_DIO
+            | InitFlags::FUSE_POSIX_LOCKS
+            | InitFlags::FUSE_FLOCK_LOCKS;
         let supported = wanted & config.capabilities();
         let _ = config.add_capabilities(supported);
         Ok(())
@@ -361,25 +363,42 @@ impl Filesystem for DfsFs {
         );
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         let m = self.mount.clone();
-        self.run("flush", async move { m.flush(ino.0).await }, move |r| empty(r, reply));
+        self.run(
+            "flush",
+            async move {
+                let flushed = m.flush(ino.0).await;
+                // A process closing any descriptor of a file loses its fcntl locks on it.
+                m.unlock_owner(ino.0, lock_owner.0).await?;
+                flushed
+            },
+            move |r| empty(r, reply),
+        );
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         let m = self.mount.clone();
-        self.run("release", async move { m.release(fh.0).await }, move |r| {
-            empty(r, reply)
-        });
+        self.run(
+            "release",
+            async move {
+                // Set when the open file held an flock: it goes with the open file.
+                if let Some(owner) = lock_owner {
+                    m.unlock_owner(ino.0, owner.0).await?;
+                }
+                m.release(fh.0).await
+            },
+            move |r| empty(r, reply),
+        );
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
@@ -449,31 +468,121 @@ impl Filesystem for DfsFs {
         });
     }
 
-    // Extended attributes are not stored yet. ENOSYS tells the kernel to stop asking (it then
-    // answers EOPNOTSUPP itself), instead of a round trip for every `ls -l`.
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
-        reply.error(Errno::ENOSYS);
+    fn getxattr(&self, _req: &Request, ino: INodeNo, n: &OsStr, size: u32, reply: ReplyXattr) {
+        let m = self.mount.clone();
+        let n = name(n);
+        self.run("getxattr", async move { m.getxattr(ino.0, n).await }, move |r| {
+            xattr_reply(r, size, reply)
+        });
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
-        reply.error(Errno::ENOSYS);
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let m = self.mount.clone();
+        self.run("listxattr", async move { m.listxattr(ino.0).await }, move |r| {
+            xattr_reply(r, size, reply)
+        });
     }
 
     fn setxattr(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
+        ino: INodeNo,
+        n: &OsStr,
+        value: &[u8],
+        flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::ENOSYS);
+        let m = self.mount.clone();
+        let (n, value) = (name(n), value.to_vec());
+        self.run(
+            "setxattr",
+            async move { m.setxattr(ino.0, n, value, flags).await },
+            move |r| empty(r, reply),
+        );
     }
 
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::ENOSYS);
+    fn removexattr(&self, _req: &Request, ino: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        let m = self.mount.clone();
+        let n = name(n);
+        self.run("removexattr", async move { m.removexattr(ino.0, n).await }, move |r| {
+            empty(r, reply)
+        });
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let m = self.mount.clone();
+        self.run(
+            "fallocate",
+            async move { m.fallocate(ino.0, offset, length, mode).await },
+            move |r| empty(r, reply),
+        );
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        _pid: u32,
+        reply: ReplyLock,
+    ) {
+        let m = self.mount.clone();
+        self.run(
+            "getlk",
+            async move { m.getlk(ino.0, lock_owner.0, start, end, typ).await },
+            move |r| match r {
+                Ok(Some((start, end, typ, pid))) => reply.locked(start, end, typ, pid),
+                Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+    }
+
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let m = self.mount.clone();
+        let pid = if pid != 0 { pid } else { req.pid() };
+        let op = async move { m.setlk(ino.0, lock_owner.0, pid, start, end, typ, sleep).await };
+        if sleep {
+            // A blocking lock waits as long as the conflicting lock is held, as on a local
+            // disk; it ends when granted or when the waiting process is gone.
+            self.rt.spawn(async move {
+                let r = op.await;
+                if let Err(e) = &r
+                    && !e.is_routine()
+                {
+                    tracing::warn!("setlkw failed: {e}");
+                }
+                empty(r, reply)
+            });
+        } else {
+            self.run("setlk", op, move |r| empty(r, reply));
+        }
     }
 
     fn create(
@@ -543,6 +652,16 @@ fn open_flags(keep_cache: bool) -> FopenFlags {
         FopenFlags::FOPEN_KEEP_CACHE
     } else {
         FopenFlags::empty()
+    }
+}
+
+/// getxattr/listxattr: size 0 asks how big the answer is; a smaller buffer gets ERANGE.
+fn xattr_reply(r: FsResult<Vec<u8>>, size: u32, reply: ReplyXattr) {
+    match r {
+        Ok(data) if size == 0 => reply.size(data.len() as u32),
+        Ok(data) if data.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(data) => reply.data(&data),
+        Err(e) => reply.error(errno(&e)),
     }
 }
 

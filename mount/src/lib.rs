@@ -9,3 +9,4 @@ pub mod inode;
 pub mod meta_client;
 pub mod ops;
 pub mod storage_pool;
+pub mod xattrs;

@@ -196,6 +196,7 @@ fn serve(config: &Config, tls: &TlsIdentity, mountpoint: &Path, ready: &mut Read
     options.n_threads = Some(1);
     let mut session = fuser::Session::new(fs, mountpoint, &options)
         .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
+    mount.set_notifier(session.notifier());
     let mut unmounter = session.unmount_callable();
     let (ended_tx, ended_rx) = tokio::sync::oneshot::channel::<()>();
     let fuse_thread = std::thread::Builder::new().name("fuse".into()).spawn(move || {

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use dfs_proto::locks::{LockKind, LockOwner, LockTable};
 use dfs_proto::meta::{CloseSession, KeepAlive, OpenSession, Release, SessionInfo};
 use dfs_proto::types::{HandleId, Ino, SessionId};
 use dfs_proto::{Call, ErrorKind, Peer, RpcError};
@@ -18,7 +19,14 @@ pub struct MetaClient {
     open_files: Mutex<HashMap<HandleId, Ino>>,
     /// Releases the metaserver has not acknowledged yet (retried by the keep-alive loop).
     unsent_releases: Mutex<Vec<(HandleId, Ino)>>,
+    /// Locks this mount holds, by inode (owners are kernel lock owners; the session part is
+    /// unused), claimed again when a session is re-established.
+    held_locks: Mutex<HashMap<Ino, LockTable>>,
 }
+
+/// Session part of the owners in `held_locks`: the metaserver's session id is not part of
+/// what this mount remembers.
+const LOCAL: u64 = 0;
 
 impl MetaClient {
     pub fn new(peer: Peer, timeout: Duration, client_name: String) -> Self {
@@ -29,6 +37,7 @@ impl MetaClient {
             session: tokio::sync::Mutex::new(None),
             open_files: Mutex::new(HashMap::new()),
             unsent_releases: Mutex::new(Vec::new()),
+            held_locks: Mutex::new(HashMap::new()),
         }
     }
 
@@ -54,11 +63,23 @@ impl MetaClient {
             .iter()
             .map(|(&h, &i)| (h, i))
             .collect();
+        let locks = self
+            .held_locks
+            .lock()
+            .expect("locks")
+            .iter()
+            .flat_map(|(&ino, table)| {
+                table
+                    .iter()
+                    .map(move |(owner, pid, range)| (ino, owner.owner, pid, range))
+            })
+            .collect();
         let info = self
             .call(OpenSession {
                 client: self.client_name.clone(),
                 resume: *slot,
                 open_files,
+                locks,
             })
             .await?;
         if slot.is_some_and(|old| old != info.session) {
@@ -70,6 +91,11 @@ impl MetaClient {
         }
         *slot = Some(info.session);
         Ok(info)
+    }
+
+    /// This mount's session id (opening one if needed).
+    pub async fn session_id(&self) -> Result<SessionId, RpcError> {
+        self.current_session().await
     }
 
     async fn current_session(&self) -> Result<SessionId, RpcError> {
@@ -108,6 +134,34 @@ impl MetaClient {
         {
             tracing::warn!("cannot close session {session} with metaserver: {e}");
         }
+    }
+
+    /// Records a lock the metaserver granted (or an unlock it applied).
+    pub fn note_lock(&self, ino: Ino, owner: u64, pid: u32, start: u64, end: u64, kind: LockKind) {
+        let mut held = self.held_locks.lock().expect("locks");
+        let table = held.entry(ino).or_default();
+        table.apply(LockOwner { session: LOCAL, owner }, pid, start, end, kind);
+        if table.is_empty() {
+            held.remove(&ino);
+        }
+    }
+
+    /// Whether `owner` (any owner, if None) holds a lock on `ino` through this mount.
+    pub fn holds_lock(&self, ino: Ino, owner: Option<u64>) -> bool {
+        let held = self.held_locks.lock().expect("locks");
+        held.get(&ino)
+            .is_some_and(|t| t.iter().any(|(o, _, _)| owner.is_none_or(|owner| o.owner == owner)))
+    }
+
+    /// The owners holding locks on `ino` through this mount.
+    pub fn lock_owners(&self, ino: Ino) -> Vec<u64> {
+        let held = self.held_locks.lock().expect("locks");
+        let mut owners: Vec<u64> = held
+            .get(&ino)
+            .map(|t| t.iter().map(|(o, _, _)| o.owner).collect())
+            .unwrap_or_default();
+        owners.dedup();
+        owners
     }
 
     pub fn note_open(&self, handle: HandleId, ino: Ino) {

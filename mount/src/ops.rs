@@ -3,11 +3,12 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use dfs_proto::ErrorKind;
+use dfs_proto::locks::{LockKind, LockOwner};
 use dfs_proto::meta::*;
 use dfs_proto::types::{Attr, FileKind, Ino, Timestamp};
 use tokio::sync::mpsc;
@@ -20,6 +21,7 @@ use crate::inode::{
 };
 use crate::meta_client::MetaClient;
 use crate::storage_pool::{PieceStream, StoragePool};
+use crate::xattrs::XattrCache;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -36,6 +38,9 @@ pub struct Mount {
     pub chunk_size: u64,
     pub timeouts: Timeouts,
     attrs: AttrCache,
+    xattrs: XattrCache,
+    /// Tells the kernel to drop cached pages and attributes (set once mounted).
+    notifier: OnceLock<fuser::Notifier>,
     inodes: Mutex<HashMap<Ino, Arc<InodeState>>>,
     /// The (mtime, size) each inode had when this mount last filled or wrote its page cache:
     /// an open that finds the same version keeps the cache.
@@ -78,12 +83,18 @@ impl Mount {
             chunk_size,
             timeouts,
             attrs: AttrCache::new(attr_ttl),
+            xattrs: XattrCache::new(attr_ttl),
+            notifier: OnceLock::new(),
             inodes: Mutex::new(HashMap::new()),
             cached_versions: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
         }
+    }
+
+    pub fn set_notifier(&self, notifier: fuser::Notifier) {
+        let _ = self.notifier.set(notifier);
     }
 
     /// Records the version of `ino` whose content the page cache now holds; returns whether it
@@ -149,7 +160,7 @@ impl Mount {
     pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
         match self.attrs.get(ino) {
             Some(cached) => Ok(self.visible(cached)),
-            None => Ok(self.learned(self.meta.call(GetAttr { ino }).await?)),
+            None => Ok(self.learned(by_ino(self.meta.call(GetAttr { ino }).await)?)),
         }
     }
 
@@ -177,7 +188,7 @@ impl Mount {
             // Queued writes land first, so a truncate or utimens applies after them.
             self.commit(state, w, "setattr").await?;
         }
-        let attr = self.meta.call(req).await?;
+        let attr = by_ino(self.meta.call(req).await)?;
         if truncates {
             // The kernel trims its own cache on truncate: what it keeps is this version.
             self.note_cached_version(&attr);
@@ -232,11 +243,227 @@ impl Mount {
     }
 
     pub async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
-        Ok(self.meta.call(ReadLink { ino }).await?)
+        by_ino(self.meta.call(ReadLink { ino }).await)
     }
 
     pub async fn statfs(&self) -> FsResult<FsStats> {
         Ok(self.meta.call(StatFs {}).await?)
+    }
+
+    /// fallocate(2) without flags extends the file (the new range reads as zeros and, like any
+    /// hole, takes no storage until written); with FALLOC_FL_KEEP_SIZE it changes nothing.
+    /// Space is not reserved on the storage daemons.
+    pub async fn fallocate(&self, ino: Ino, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+            return Err(FsError::new(
+                libc::EOPNOTSUPP,
+                format!("inode {ino}: fallocate mode {mode:#x} is not supported"),
+            ));
+        }
+        let end = offset
+            .checked_add(length)
+            .filter(|&e| e <= i64::MAX as u64)
+            .ok_or_else(|| FsError::new(libc::EFBIG, format!("inode {ino}: fallocate past the largest offset")))?;
+        if mode & libc::FALLOC_FL_KEEP_SIZE != 0 {
+            return Ok(());
+        }
+        let size = self.getattr(ino).await?.size;
+        self.setattr(SetAttr {
+            ino,
+            changes: AttrChanges::default(),
+            size: Some(size.max(end)),
+            ctime: None,
+        })
+        .await?;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Extended attributes
+
+    pub async fn getxattr(&self, ino: Ino, name: Vec<u8>) -> FsResult<Vec<u8>> {
+        let answer = match self.xattrs.get(ino, &name) {
+            Some(answer) => answer,
+            None => {
+                let answer = match self
+                    .meta
+                    .call(GetXattr {
+                        ino,
+                        name: name.clone(),
+                    })
+                    .await
+                {
+                    Ok(value) => Some(value),
+                    Err(e) if e.remote_kind() == Some(ErrorKind::NoAttribute) => None,
+                    Err(e) => return by_ino(Err(e)),
+                };
+                self.xattrs.put(ino, &name, answer.clone());
+                answer
+            }
+        };
+        answer.ok_or_else(|| FsError::new(libc::ENODATA, format!("inode {ino}: no attribute {:?}", show(&name))))
+    }
+
+    /// The names, each followed by a NUL, as listxattr(2) returns them.
+    pub async fn listxattr(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        let names = by_ino(self.meta.call(ListXattr { ino }).await)?;
+        let mut out = Vec::new();
+        for n in names {
+            out.extend_from_slice(&n);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub async fn setxattr(&self, ino: Ino, name: Vec<u8>, value: Vec<u8>, flags: i32) -> FsResult<()> {
+        let mode = match flags {
+            0 => XattrMode::Set,
+            libc::XATTR_CREATE => XattrMode::Create,
+            libc::XATTR_REPLACE => XattrMode::Replace,
+            _ => return Err(FsError::new(libc::EINVAL, format!("setxattr flags {flags:#x}"))),
+        };
+        self.xattrs.forget(ino);
+        let attr = by_ino(self.meta.call(SetXattr { ino, name, value, mode }).await)?;
+        self.learned(attr);
+        Ok(())
+    }
+
+    pub async fn removexattr(&self, ino: Ino, name: Vec<u8>) -> FsResult<()> {
+        self.xattrs.forget(ino);
+        let attr = by_ino(self.meta.call(RemoveXattr { ino, name }).await)?;
+        self.learned(attr);
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Locks (cluster-wide, through the metaserver)
+
+    /// F_GETLK: the conflicting lock, if any, as (start, end, kind, pid).
+    pub async fn getlk(
+        &self,
+        ino: Ino,
+        owner: u64,
+        start: u64,
+        end: u64,
+        typ: i32,
+    ) -> FsResult<Option<(u64, u64, i32, u32)>> {
+        let kind = lock_kind(typ)?;
+        let session = self.meta.session_id().await?;
+        let conflict = self
+            .meta
+            .call(TestLock {
+                ino,
+                owner: LockOwner { session, owner },
+                start,
+                end,
+                kind,
+            })
+            .await?;
+        Ok(conflict.map(|c| {
+            let typ = if c.range.kind == LockKind::Write {
+                libc::F_WRLCK
+            } else {
+                libc::F_RDLCK
+            };
+            // A process id means something only on the holder's own machine.
+            let pid = if c.session == session { c.pid } else { 0 };
+            (c.range.start, c.range.end, typ, pid)
+        }))
+    }
+
+    /// F_SETLK / F_SETLKW / flock. Before an unlock, this mount's writes are committed, and
+    /// after a lock is granted, cached pages and attributes of the file are dropped: what one
+    /// lock holder wrote, the next one reads (what databases such as SQLite rely on).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn setlk(
+        &self,
+        ino: Ino,
+        owner: u64,
+        pid: u32,
+        start: u64,
+        end: u64,
+        typ: i32,
+        wait: bool,
+    ) -> FsResult<()> {
+        let kind = lock_kind(typ)?;
+        if kind == LockKind::Unlock {
+            if !self.meta.holds_lock(ino, Some(owner)) {
+                return Ok(());
+            }
+            self.flush(ino).await?;
+        }
+        loop {
+            let outcome = self
+                .meta
+                .call_in_session(|session| SetLock {
+                    ino,
+                    owner: LockOwner { session, owner },
+                    pid,
+                    start,
+                    end,
+                    kind,
+                    wait_ms: if wait { 1000 } else { 0 },
+                })
+                .await?;
+            match outcome {
+                LockOutcome::Granted => {
+                    self.meta.note_lock(ino, owner, pid, start, end, kind);
+                    if kind != LockKind::Unlock {
+                        self.drop_cached(ino).await;
+                    }
+                    return Ok(());
+                }
+                LockOutcome::Conflict(c) if !wait => {
+                    return Err(FsError::new(
+                        libc::EAGAIN,
+                        format!(
+                            "inode {ino}: bytes {}..={} are locked (session {})",
+                            c.range.start, c.range.end, c.session
+                        ),
+                    ));
+                }
+                LockOutcome::Conflict(_) => {
+                    // The kernel does not pass on interrupts: stop waiting once the process
+                    // that asked is gone.
+                    if pid != 0 && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                        return Err(FsError::new(
+                            libc::EINTR,
+                            format!("inode {ino}: lock waiter {pid} exited"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops the locks `owner` holds on `ino` (its process closed the file, or its flock'd
+    /// open file was released). Costs nothing when it holds none.
+    pub async fn unlock_owner(&self, ino: Ino, owner: u64) -> FsResult<()> {
+        self.setlk(ino, owner, 0, 0, u64::MAX, libc::F_UNLCK, false).await
+    }
+
+    /// Drops every lock this mount holds on `ino` (its last open handle here closed).
+    async fn unlock_all(&self, ino: Ino) {
+        for owner in self.meta.lock_owners(ino) {
+            if let Err(e) = self.unlock_owner(ino, owner).await {
+                tracing::warn!("inode {ino}: cannot release lock of owner {owner:#x}: {e}");
+            }
+        }
+    }
+
+    /// Forgets cached content and attributes of `ino`, here and in the kernel.
+    async fn drop_cached(&self, ino: Ino) {
+        self.attrs.forget(ino);
+        self.cached_versions.lock().expect("versions").remove(&ino);
+        if let Some(state) = self.state(ino) {
+            state.cache.lock().await.invalidate();
+        }
+        if let Some(n) = self.notifier.get()
+            && let Err(e) = n.inval_inode(fuser::INodeNo(ino), 0, 0)
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            tracing::debug!("inode {ino}: cannot invalidate kernel cache: {e}");
+        }
     }
 
     // ------------------------------------------------------------------------------------------
@@ -320,7 +547,8 @@ impl Mount {
                 session,
                 handle: fh,
             })
-            .await?;
+            .await;
+        let opened = by_ino(opened)?;
         let state = self.acquire_state(ino);
         {
             // Close-to-open: every open sees the file as last committed anywhere.
@@ -353,6 +581,9 @@ impl Mount {
         };
         let result = if last {
             let r = self.flush_inode(&state).await;
+            if self.meta.holds_lock(ino, None) {
+                self.unlock_all(ino).await;
+            }
             if let Err(e) = &r {
                 tracing::error!("inode {ino}: data written before the last close was not committed: {e}");
             }
@@ -712,7 +943,7 @@ impl Mount {
     pub async fn opendir(&self, ino: Ino) -> FsResult<u64> {
         let attr = match self.attrs.get(ino) {
             Some(a) => a,
-            None => self.learned(self.meta.call(GetAttr { ino }).await?),
+            None => self.learned(by_ino(self.meta.call(GetAttr { ino }).await)?),
         };
         if attr.kind != FileKind::Directory {
             return Err(FsError::new(libc::ENOTDIR, format!("inode {ino} is not a directory")));
@@ -779,6 +1010,34 @@ async fn stream_segments(
         stream.send_segment(offset, data, timeout).await?;
     }
     stream.finish(timeout).await
+}
+
+/// The answer to a request addressed by inode number. An inode that no longer exists means
+/// the kernel reached it through a stale cached entry (another mount removed it): ESTALE makes
+/// the kernel look the path up again and retry, as NFS clients do.
+fn by_ino<T>(r: Result<T, dfs_proto::RpcError>) -> FsResult<T> {
+    r.map_err(|e| {
+        let stale = e.remote_kind() == Some(ErrorKind::NotFound);
+        let e = FsError::from(e);
+        if stale {
+            FsError::new(libc::ESTALE, e.message)
+        } else {
+            e
+        }
+    })
+}
+
+fn lock_kind(typ: i32) -> FsResult<LockKind> {
+    match typ {
+        libc::F_RDLCK => Ok(LockKind::Read),
+        libc::F_WRLCK => Ok(LockKind::Write),
+        libc::F_UNLCK => Ok(LockKind::Unlock),
+        _ => Err(FsError::new(libc::EINVAL, format!("lock type {typ}"))),
+    }
+}
+
+fn show(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).into_owned()
 }
 
 fn check_name(name: &[u8]) -> FsResult<()> {

@@ -6,6 +6,7 @@ pub mod certs;
 pub mod endpoint;
 pub mod error;
 pub mod frame;
+pub mod locks;
 pub mod meta;
 pub mod names;
 pub mod rpc;

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::call::service;
+use crate::locks::{Conflict, LockKind, LockOwner, LockRange};
 use crate::types::{Attr, FileKind, HandleId, Ino, NodeAddr, NodeId, NodeUsage, PieceId, SessionId, Timestamp};
 
 service! {
@@ -32,6 +33,12 @@ service! {
         RegisterNode => Registered,
         Heartbeat => HeartbeatReply,
         Inventory => InventoryReply,
+        GetXattr => Vec<u8>,
+        ListXattr => Vec<Vec<u8>>,
+        SetXattr => Attr,
+        RemoveXattr => Attr,
+        SetLock => LockOutcome,
+        TestLock => Option<Conflict>,
     }
 }
 
@@ -43,6 +50,9 @@ pub struct OpenSession {
     pub resume: Option<SessionId>,
     /// Every open handle and the inode it is open on.
     pub open_files: Vec<(HandleId, Ino)>,
+    /// Locks the mount holds (claimed again from a restarted metaserver), as (inode, owner
+    /// within the session, pid, range).
+    pub locks: Vec<(Ino, u64, u32, LockRange)>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -419,3 +429,77 @@ pub struct Inventory {
 /// reach the daemon in its heartbeat replies, like every other deletion.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct InventoryReply {}
+
+/// Most bytes in an extended attribute's name (as Linux: XATTR_NAME_MAX).
+pub const MAX_XATTR_NAME: usize = 255;
+/// Most bytes in one extended attribute's value (as Linux: XATTR_SIZE_MAX).
+pub const MAX_XATTR_VALUE: usize = 64 * 1024;
+/// Most bytes the names of one inode's attributes may take, NUL-terminated (XATTR_LIST_MAX).
+pub const MAX_XATTR_LIST: usize = 64 * 1024;
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct GetXattr {
+    pub ino: Ino,
+    pub name: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ListXattr {
+    pub ino: Ino,
+}
+
+/// What setxattr(2) flags ask for.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XattrMode {
+    /// Create or replace.
+    Set,
+    /// XATTR_CREATE: fail with EEXIST if it exists.
+    Create,
+    /// XATTR_REPLACE: fail with ENODATA if it does not.
+    Replace,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SetXattr {
+    pub ino: Ino,
+    pub name: Vec<u8>,
+    pub value: Vec<u8>,
+    pub mode: XattrMode,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct RemoveXattr {
+    pub ino: Ino,
+    pub name: Vec<u8>,
+}
+
+/// Sets or clears a byte-range lock (fcntl F_SETLK/F_SETLKW, or flock) for the whole cluster.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SetLock {
+    pub ino: Ino,
+    pub owner: LockOwner,
+    pub pid: u32,
+    pub start: u64,
+    /// Inclusive; `u64::MAX` for "to the end of the file".
+    pub end: u64,
+    pub kind: LockKind,
+    /// How long the metaserver may hold the request waiting for a conflicting lock to go
+    /// (0: answer at once). The mount asks again until its caller gives up.
+    pub wait_ms: u32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockOutcome {
+    Granted,
+    Conflict(Conflict),
+}
+
+/// F_GETLK: the lock that would stand in the way of this one, if any.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct TestLock {
+    pub ino: Ino,
+    pub owner: LockOwner,
+    pub start: u64,
+    pub end: u64,
+    pub kind: LockKind,
+}
