@@ -2,5 +2,6 @@
 
 pub mod local;
 pub mod locate;
+pub mod mount_helper;
 pub mod status;
 pub mod up;

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use dfs_admin::{local, locate, status, up};
+use dfs_admin::{local, locate, mount_helper, status, up};
 use dfs_common::config::{Config, DEFAULT_PATH};
 use dfs_proto::certs;
 
@@ -74,6 +74,10 @@ enum CertCmd {
 }
 
 fn main() -> anyhow::Result<()> {
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some((mountpoint, options)) = mount_helper::invocation(&raw) {
+        return mount_helper::run(mountpoint, options).map_err(anyhow::Error::msg);
+    }
     let args = Args::parse();
     match args.command {
         Cmd::Cert { command } => cert(command),
