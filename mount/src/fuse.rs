@@ -142,6 +142,10 @@ fn name(n: &OsStr) -> Vec<u8> {
 }
 
 impl Filesystem for DfsFs {
+    // FUSE_AUTO_INVAL_DATA is left off on purpose: it drops cached pages whenever the mtime the
+    // kernel sees changes, which includes this mount's own writes. Cached pages are instead
+    // kept or dropped at open (close-to-open: kept only if the file is the version this mount
+    // cached) and dropped when a lock is granted.
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_background(64);
@@ -152,7 +156,6 @@ impl Filesystem for DfsFs {
         let wanted = InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_AUTO_INVAL_DATA
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_ASYNC_DIO
             | InitFlags::FUSE_POSIX_LOCKS
