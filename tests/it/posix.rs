@@ -44,19 +44,29 @@ fn mounted() -> (Cluster, std::path::PathBuf) {
 fn every_local_user_gets_what_the_mode_bits_allow() {
     let (_cluster, mnt) = mounted();
     let opts = String::from_utf8(run(Command::new("findmnt").args(["-no", "OPTIONS"]).arg(&mnt)).stdout).unwrap();
-    assert!(opts.contains("allow_other") && opts.contains("default_permissions"), "{opts}");
+    assert!(
+        opts.contains("allow_other") && opts.contains("default_permissions"),
+        "{opts}"
+    );
     fs::write(mnt.join("public"), "for all\n").unwrap();
     fs::write(mnt.join("private"), "root only\n").unwrap();
     fs::set_permissions(mnt.join("private"), fs::Permissions::from_mode(0o600)).unwrap();
     let m = mnt.display();
     assert!(as_nobody(&format!("cat {m}/public")));
     assert!(!as_nobody(&format!("cat {m}/private")), "mode 600 keeps others out");
-    assert!(!as_nobody(&format!("touch {m}/mine")), "the root directory is 755, owned by root");
+    assert!(
+        !as_nobody(&format!("touch {m}/mine")),
+        "the root directory is 755, owned by root"
+    );
     fs::create_dir(mnt.join("shared")).unwrap();
     fs::set_permissions(mnt.join("shared"), fs::Permissions::from_mode(0o777)).unwrap();
     assert!(as_nobody(&format!("echo hi > {m}/shared/mine")));
     let md = fs::metadata(mnt.join("shared/mine")).unwrap();
-    assert_eq!((md.uid(), md.mode() & 0o777), (65534, 0o644), "owned by its creator, umask applied");
+    assert_eq!(
+        (md.uid(), md.mode() & 0o777),
+        (65534, 0o644),
+        "owned by its creator, umask applied"
+    );
 }
 
 #[test]
@@ -80,7 +90,11 @@ fn attributes_times_and_block_counts_follow_posix() {
     // A write by an unprivileged user clears setuid/setgid.
     fs::set_permissions(&f, fs::Permissions::from_mode(0o6777)).unwrap();
     assert!(as_nobody(&format!("echo more >> {}", f.display())));
-    assert_eq!(fs::metadata(&f).unwrap().mode() & 0o6000, 0, "write clears setuid/setgid");
+    assert_eq!(
+        fs::metadata(&f).unwrap().mode() & 0o6000,
+        0,
+        "write clears setuid/setgid"
+    );
 
     // utimensat with nanoseconds, UTIME_OMIT and UTIME_NOW.
     let c = cpath(&f);
@@ -95,7 +109,10 @@ fn attributes_times_and_block_counts_follow_posix() {
         },
     ];
     // SAFETY: valid path and a two-element array.
-    assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) }, 0);
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) },
+        0
+    );
     let md = fs::metadata(&f).unwrap();
     assert_eq!((md.atime(), md.atime_nsec()), (1_000_000_000, 123_456_789));
     assert_eq!((md.mtime(), md.mtime_nsec()), (1_100_000_000, 987_654_321));
@@ -110,9 +127,16 @@ fn attributes_times_and_block_counts_follow_posix() {
         },
     ];
     // SAFETY: as above.
-    assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), omit_now.as_ptr(), 0) }, 0);
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), omit_now.as_ptr(), 0) },
+        0
+    );
     let md = fs::metadata(&f).unwrap();
-    assert_eq!((md.atime(), md.atime_nsec()), (1_000_000_000, 123_456_789), "UTIME_OMIT");
+    assert_eq!(
+        (md.atime(), md.atime_nsec()),
+        (1_000_000_000, 123_456_789),
+        "UTIME_OMIT"
+    );
     assert!(md.mtime() > 1_700_000_000, "UTIME_NOW");
 
     // Directory link counts: 2 plus one per subdirectory.
@@ -133,7 +157,10 @@ fn attributes_times_and_block_counts_follow_posix() {
     assert!(dense.blksize() >= 4096);
     assert_eq!(fs::metadata(mnt.join("sparse")).unwrap().blocks(), 0);
     let du = String::from_utf8(sh(&format!("du -k {0}/dense {0}/sparse", mnt.display())).stdout).unwrap();
-    let kib: Vec<u64> = du.lines().map(|l| l.split_whitespace().next().unwrap().parse().unwrap()).collect();
+    let kib: Vec<u64> = du
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
     assert_eq!(kib, vec![1024, 0], "{du}");
 }
 
@@ -159,8 +186,15 @@ fn truncate_holes_append_excl_and_large_offsets() {
     // O_TRUNC empties, O_EXCL refuses an existing name.
     File::create(&f).unwrap();
     assert_eq!(fs::metadata(&f).unwrap().len(), 0);
-    assert_eq!(errno(OpenOptions::new().write(true).create_new(true).open(&f)), libc::EEXIST);
-    OpenOptions::new().write(true).create_new(true).open(mnt.join("fresh")).unwrap();
+    assert_eq!(
+        errno(OpenOptions::new().write(true).create_new(true).open(&f)),
+        libc::EEXIST
+    );
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(mnt.join("fresh"))
+        .unwrap();
     // O_APPEND from two processes at once: every line lands whole, none overwritten.
     sh(&format!(
         "for p in a b; do (i=0; while [ $i -lt 200 ]; do echo \"$p $i\" >> {0}/log; i=$((i+1)); done) & done; wait",
@@ -171,7 +205,12 @@ fn truncate_holes_append_excl_and_large_offsets() {
     assert!(log.lines().all(|l| l.len() >= 3 && l.len() <= 5), "torn lines");
     // Files over 4 GiB: offsets past 32 bits.
     let big = mnt.join("big");
-    let mut b = OpenOptions::new().create(true).read(true).write(true).open(&big).unwrap();
+    let mut b = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .open(&big)
+        .unwrap();
     b.seek(SeekFrom::Start(5 << 30)).unwrap();
     b.write_all(b"beyond 4 GiB").unwrap();
     b.sync_all().unwrap();
@@ -190,7 +229,10 @@ fn links_symlinks_and_every_kind_of_rename() {
     fs::write(m("orig"), "shared").unwrap();
     fs::hard_link(m("orig"), m("alias")).unwrap();
     assert_eq!(fs::metadata(m("orig")).unwrap().nlink(), 2);
-    assert_eq!(fs::metadata(m("orig")).unwrap().ino(), fs::metadata(m("alias")).unwrap().ino());
+    assert_eq!(
+        fs::metadata(m("orig")).unwrap().ino(),
+        fs::metadata(m("alias")).unwrap().ino()
+    );
     fs::write(m("alias"), "changed").unwrap();
     assert_eq!(fs::read_to_string(m("orig")).unwrap(), "changed");
     fs::remove_file(m("orig")).unwrap();
@@ -286,7 +328,10 @@ fn extended_attributes_round_trip() {
     // SAFETY: valid path and buffer.
     let n = unsafe { libc::listxattr(c.as_ptr(), list.as_mut_ptr().cast(), list.len()) };
     assert!(n > 0);
-    let mut names: Vec<&[u8]> = list[..n as usize].split(|&b| b == 0).filter(|s| !s.is_empty()).collect();
+    let mut names: Vec<&[u8]> = list[..n as usize]
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .collect();
     names.sort();
     assert_eq!(names, vec![&b"user.big"[..], b"user.color"]);
     let n = CString::new("user.color").unwrap();
@@ -297,7 +342,9 @@ fn extended_attributes_round_trip() {
     assert_eq!(unsafe { libc::removexattr(c.as_ptr(), n.as_ptr()) }, -1);
     assert_eq!(last_errno(), libc::ENODATA);
     // The usual tools work on them too.
-    run(Command::new("setfattr").args(["-n", "user.tool", "-v", "hello"]).arg(&f));
+    run(Command::new("setfattr")
+        .args(["-n", "user.tool", "-v", "hello"])
+        .arg(&f));
     assert_eq!(get("user.tool"), Ok(b"hello".to_vec()));
     let dump = String::from_utf8(run(Command::new("getfattr").args(["-d"]).arg(&f)).stdout).unwrap();
     assert!(dump.contains("user.tool=\"hello\""), "{dump}");
@@ -310,7 +357,14 @@ fn names_are_checked_and_any_other_bytes_round_trip() {
     fs::write(mnt.join(&long_ok), "").unwrap();
     assert_eq!(errno(fs::write(mnt.join("n".repeat(256)), "")), libc::ENAMETOOLONG);
     // Not UTF-8, control characters, spaces: stored and listed byte for byte.
-    let odd: Vec<&[u8]> = vec![b"caf\xe9", b"\xff\xfe", b"tab\there", b"new\nline", "日本語".as_bytes(), b" spaced "];
+    let odd: Vec<&[u8]> = vec![
+        b"caf\xe9",
+        b"\xff\xfe",
+        b"tab\there",
+        b"new\nline",
+        "日本語".as_bytes(),
+        b" spaced ",
+    ];
     for name in &odd {
         fs::write(mnt.join(std::ffi::OsStr::from_bytes(name)), name).unwrap();
     }
@@ -344,7 +398,10 @@ fn df_reports_cluster_space_and_inodes() {
     };
     let s = statvfs();
     let total = s.f_blocks * s.f_frsize;
-    assert!(total.abs_diff(capacity) <= 2 * s.f_frsize * report.nodes.len() as u64, "{total} vs {capacity}");
+    assert!(
+        total.abs_diff(capacity) <= 2 * s.f_frsize * report.nodes.len() as u64,
+        "{total} vs {capacity}"
+    );
     let avail = s.f_bavail * s.f_frsize;
     assert!(avail.abs_diff(free) < capacity / 20, "{avail} vs {free}");
     let used_inodes = s.f_files - s.f_ffree;

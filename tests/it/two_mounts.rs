@@ -43,7 +43,10 @@ fn close_to_open_and_metadata_visibility() {
     let mut f = OpenOptions::new().append(true).open(a.join("doc")).unwrap();
     f.write_all(b" + appended").unwrap();
     drop(f);
-    assert_eq!(fs::read_to_string(b.join("doc")).unwrap(), "second, longer version + appended");
+    assert_eq!(
+        fs::read_to_string(b.join("doc")).unwrap(),
+        "second, longer version + appended"
+    );
     // Metadata changes on A show on B within the cache timeout.
     let visible = |what: &str, cond: &dyn Fn() -> bool| {
         let t = Instant::now();
@@ -58,7 +61,9 @@ fn close_to_open_and_metadata_visibility() {
         fs::metadata(b.join("new")).is_ok_and(|m| m.permissions().mode() & 0o777 == 0o600)
     });
     fs::rename(a.join("new"), a.join("renamed")).unwrap();
-    visible("rename seen on B", &|| !b.join("new").exists() && b.join("renamed").exists());
+    visible("rename seen on B", &|| {
+        !b.join("new").exists() && b.join("renamed").exists()
+    });
     fs::remove_file(a.join("renamed")).unwrap();
     visible("unlink seen on B", &|| !b.join("renamed").exists());
     fs::create_dir(a.join("dir")).unwrap();
@@ -84,9 +89,20 @@ fn page_cache_is_kept_while_unchanged_and_dropped_when_changed() {
     for name in cluster.daemon_names() {
         cluster.kill_daemon(&name);
     }
-    assert_eq!(fs::read(a.join("written_on_a")).unwrap(), body, "A reads what it wrote from cache");
-    assert_eq!(fs::read(b.join("read_on_b")).unwrap(), body, "B reopens an unchanged file from cache");
-    assert!(fs::read(b.join("written_on_a")).is_err(), "B never read it: it needs the daemons");
+    assert_eq!(
+        fs::read(a.join("written_on_a")).unwrap(),
+        body,
+        "A reads what it wrote from cache"
+    );
+    assert_eq!(
+        fs::read(b.join("read_on_b")).unwrap(),
+        body,
+        "B reopens an unchanged file from cache"
+    );
+    assert!(
+        fs::read(b.join("written_on_a")).is_err(),
+        "B never read it: it needs the daemons"
+    );
 }
 
 #[test]
@@ -94,8 +110,16 @@ fn fcntl_and_flock_locks_hold_across_mounts() {
     let mut cluster = Cluster::start(2);
     let (a, b) = (cluster.mount(), cluster.mount());
     fs::write(a.join("locked"), "data").unwrap();
-    let fa = OpenOptions::new().read(true).write(true).open(a.join("locked")).unwrap();
-    let fb = OpenOptions::new().read(true).write(true).open(b.join("locked")).unwrap();
+    let fa = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(a.join("locked"))
+        .unwrap();
+    let fb = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(b.join("locked"))
+        .unwrap();
     // Byte ranges: a write lock on A blocks B on overlapping bytes only.
     lock(&fa, libc::F_WRLCK, 0, 10, false).unwrap();
     assert_eq!(lock(&fb, libc::F_RDLCK, 5, 1, false), Err(libc::EAGAIN));
@@ -110,7 +134,10 @@ fn fcntl_and_flock_locks_hold_across_mounts() {
     };
     // SAFETY: valid descriptor and flock struct.
     assert_eq!(unsafe { libc::fcntl(fb.as_raw_fd(), libc::F_GETLK, &mut probe) }, 0);
-    assert_eq!((probe.l_type as i32, probe.l_start, probe.l_len), (libc::F_WRLCK, 0, 10));
+    assert_eq!(
+        (probe.l_type as i32, probe.l_start, probe.l_len),
+        (libc::F_WRLCK, 0, 10)
+    );
     // F_SETLKW on B waits until A unlocks.
     let waiter = {
         let fb = fb.try_clone().unwrap();
@@ -142,14 +169,28 @@ fn fcntl_and_flock_locks_hold_across_mounts() {
         .spawn()
         .unwrap();
     wait_until("A's flock", Duration::from_secs(5), || {
-        !Command::new("flock").args(["-n", &b_file, "true"]).status().unwrap().success()
+        !Command::new("flock")
+            .args(["-n", &b_file, "true"])
+            .status()
+            .unwrap()
+            .success()
     });
-    assert!(!Command::new("flock").args(["-n", "-s", &b_file, "true"]).status().unwrap().success());
+    assert!(
+        !Command::new("flock")
+            .args(["-n", "-s", &b_file, "true"])
+            .status()
+            .unwrap()
+            .success()
+    );
     // SAFETY: signalling our own child's process group (flock and its sleep).
     unsafe { libc::kill(-(holder.id() as i32), libc::SIGKILL) };
     holder.wait().unwrap();
     wait_until("the killed holder's flock to go", Duration::from_secs(5), || {
-        Command::new("flock").args(["-n", &b_file, "true"]).status().unwrap().success()
+        Command::new("flock")
+            .args(["-n", &b_file, "true"])
+            .status()
+            .unwrap()
+            .success()
     });
 }
 
@@ -174,7 +215,10 @@ fn locks_of_a_dead_mount_expire_with_its_session() {
         lock(&fb, libc::F_WRLCK, 0, 0, false).is_ok()
     });
     println!("lock free {:?} after the mount died", t.elapsed());
-    assert!(cluster.logs().contains("expired"), "the metaserver says the session expired");
+    assert!(
+        cluster.logs().contains("expired"),
+        "the metaserver says the session expired"
+    );
 }
 
 #[test]
@@ -193,7 +237,10 @@ fn sqlite_with_a_writer_on_each_mount_stays_intact() {
                 let sql = format!(
                     "begin immediate; insert into t(who, n) values('{who}', {i}); update t set n = n + 1 where id = 1; commit;"
                 );
-                run(Command::new("sqlite3").args(["-cmd", ".timeout 30000"]).arg(&db).arg(sql));
+                run(Command::new("sqlite3")
+                    .args(["-cmd", ".timeout 30000"])
+                    .arg(&db)
+                    .arg(sql));
             }
         })
     };
