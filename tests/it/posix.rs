@@ -206,7 +206,7 @@ fn truncate_holes_append_excl_and_large_offsets() {
     // Files over 4 GiB: offsets past 32 bits.
     let big = mnt.join("big");
     let mut b = OpenOptions::new()
-        .create(true)
+        .create_new(true)
         .read(true)
         .write(true)
         .open(&big)
