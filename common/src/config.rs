@@ -13,6 +13,8 @@ pub const DEFAULT_PATH: &str = "/etc/dfs/dfs.toml";
 /// Default storage directory fanout: no directory under a data dir holds more entries.
 pub const DEFAULT_FANOUT: u32 = 36;
 pub const DEFAULT_CHUNK_SIZE: u64 = 8 << 20;
+/// Most copies a piece may have.
+pub const MAX_REPLICAS: u8 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -90,6 +92,20 @@ pub struct MetaserverConfig {
     /// A mount that has not renewed its session for this long loses its open files.
     #[serde(default = "default_session_timeout_ms")]
     pub session_timeout_ms: u64,
+    /// Copies of every piece, unless a directory says otherwise (`user.dfs.replicas`).
+    #[serde(default = "default_replicas")]
+    pub replicas: u8,
+    /// A daemon down this long is declared dead and its pieces are copied elsewhere. Long
+    /// enough that a restart or a reboot does not set off a storm of copies.
+    #[serde(default = "default_dead_after_secs")]
+    pub dead_after_secs: u64,
+    /// Pieces are moved between daemons while their stored bytes differ by more than this
+    /// percentage of the average (and by more than one chunk).
+    #[serde(default = "default_balance_threshold_percent")]
+    pub balance_threshold_percent: u64,
+    /// Copies (repairs and moves) each daemon makes at once: bounds the rate of healing.
+    #[serde(default = "default_copies_per_node")]
+    pub copies_per_node: u32,
 }
 
 fn default_heartbeat_timeout_ms() -> u64 {
@@ -103,6 +119,18 @@ fn default_orphan_piece_grace_secs() -> u64 {
 }
 fn default_session_timeout_ms() -> u64 {
     30_000
+}
+fn default_replicas() -> u8 {
+    1
+}
+fn default_dead_after_secs() -> u64 {
+    600
+}
+fn default_balance_threshold_percent() -> u64 {
+    10
+}
+fn default_copies_per_node() -> u32 {
+    4
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -159,6 +187,16 @@ pub struct StoragedConfig {
     pub capacity_bytes: u64,
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_ms: u64,
+    /// Failure domain (machine, rack): the copies of a piece go to daemons in distinct domains
+    /// where there are enough of them. Unset: the daemon is a domain of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// Background verification of stored pieces reads at most this many bytes per second.
+    #[serde(default = "default_scrub_bytes_per_sec")]
+    pub scrub_bytes_per_sec: u64,
+    /// A scrub pass over every stored piece starts this long after the previous one began.
+    #[serde(default = "default_scrub_interval_secs")]
+    pub scrub_interval_secs: u64,
 }
 
 fn default_fanout() -> u32 {
@@ -166,6 +204,12 @@ fn default_fanout() -> u32 {
 }
 fn default_heartbeat_ms() -> u64 {
     1000
+}
+fn default_scrub_bytes_per_sec() -> u64 {
+    32 << 20
+}
+fn default_scrub_interval_secs() -> u64 {
+    7 * 24 * 3600
 }
 
 impl Config {
@@ -223,6 +267,12 @@ impl Config {
             if m.orphan_piece_grace_secs < 60 {
                 return Err(self.invalid("metaserver.orphan_piece_grace_secs must be at least 60"));
             }
+            if !(1..=MAX_REPLICAS).contains(&m.replicas) {
+                return Err(self.invalid(format!("metaserver.replicas must be between 1 and {MAX_REPLICAS}")));
+            }
+            if m.copies_per_node == 0 {
+                return Err(self.invalid("metaserver.copies_per_node must be at least 1"));
+            }
         }
         let mut names = std::collections::HashSet::new();
         for s in &self.storaged {
@@ -234,6 +284,9 @@ impl Config {
             }
             if s.heartbeat_ms == 0 {
                 return Err(self.invalid(format!("storaged {:?}: heartbeat_ms must be positive", s.name)));
+            }
+            if s.scrub_bytes_per_sec == 0 {
+                return Err(self.invalid(format!("storaged {:?}: scrub_bytes_per_sec must be positive", s.name)));
             }
         }
         Ok(())
@@ -331,6 +384,10 @@ impl MetaserverConfig {
             chunk_size: default_chunk_size(),
             orphan_piece_grace_secs: default_orphan_piece_grace_secs(),
             session_timeout_ms: default_session_timeout_ms(),
+            replicas: default_replicas(),
+            dead_after_secs: default_dead_after_secs(),
+            balance_threshold_percent: default_balance_threshold_percent(),
+            copies_per_node: default_copies_per_node(),
         }
     }
 }
@@ -347,6 +404,9 @@ impl StoragedConfig {
             fanout: DEFAULT_FANOUT,
             capacity_bytes: 0,
             heartbeat_ms: default_heartbeat_ms(),
+            domain: None,
+            scrub_bytes_per_sec: default_scrub_bytes_per_sec(),
+            scrub_interval_secs: default_scrub_interval_secs(),
         }
     }
 

@@ -29,6 +29,8 @@ pub enum ErrorKind {
     Unsupported,
     /// The request was well-formed but the peer refuses it in its current state.
     Busy,
+    /// Stored data failed its checksum.
+    Corrupt,
 }
 
 impl ErrorKind {
@@ -46,7 +48,7 @@ impl ErrorKind {
             NameTooLong => libc_errno::ENAMETOOLONG,
             NotPermitted => libc_errno::EPERM,
             PermissionDenied => libc_errno::EACCES,
-            StorageUnavailable | Io => libc_errno::EIO,
+            StorageUnavailable | Io | Corrupt => libc_errno::EIO,
             Stale => libc_errno::ESTALE,
             TooManyLinks => libc_errno::EMLINK,
             NoAttribute => libc_errno::ENODATA,

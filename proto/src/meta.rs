@@ -39,6 +39,9 @@ service! {
         RemoveXattr => Attr,
         SetLock => LockOutcome,
         TestLock => Option<Conflict>,
+        Drain => NodeReport,
+        Backup => BackupSnapshot,
+        BackupRead => Vec<u8>,
     }
 }
 
@@ -277,7 +280,9 @@ pub struct ChunkLocation {
     pub piece: PieceId,
     /// Valid bytes in the piece; the rest of the chunk (up to the file size) reads as zeros.
     pub len: u64,
-    pub node: NodeAddr,
+    /// The daemons holding a current copy, those believed up first. Every one of them holds
+    /// exactly this piece (pieces are immutable), so any may serve a read.
+    pub nodes: Vec<NodeAddr>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -315,15 +320,21 @@ pub struct BasePiece {
 pub struct Allocation {
     pub chunk: u64,
     pub piece: PieceId,
-    pub node: NodeAddr,
+    /// The daemons that must each receive the whole piece (one per replica). With a base, each
+    /// of them holds the base piece and copies it locally.
+    pub nodes: Vec<NodeAddr>,
     pub base: Option<BasePiece>,
+    /// Replicas the file should have; fewer `nodes` means the write starts under-replicated
+    /// (not enough daemons up) and the metaserver repairs it later.
+    pub replicas: u8,
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct WrittenPiece {
     pub chunk: u64,
     pub piece: PieceId,
-    pub node: NodeId,
+    /// The daemons that reported the piece durable (at least one).
+    pub nodes: Vec<NodeId>,
     pub len: u64,
 }
 
@@ -352,9 +363,30 @@ pub struct FsStats {
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct ClusterStatus {}
 
+/// How the metaserver regards a storage daemon.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    Up,
+    /// Silent for longer than the heartbeat timeout: not used for new data; its copies still
+    /// count until the grace period ends (a restart must not cause a repair storm).
+    Down,
+    /// Down for longer than the grace period: its copies no longer count and are re-made
+    /// elsewhere.
+    Dead,
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct NodeReport {
     pub node: NodeAddr,
+    pub state: NodeState,
+    /// Being emptied by `dfs drain`: takes no new data, its copies are moved elsewhere.
+    pub draining: bool,
+    /// Failure domain label (machine, rack); copies of a piece go to distinct domains.
+    pub domain: Option<String>,
+    /// Piece deletions queued for this daemon.
+    pub pending_deletes: u64,
+    /// Copies being made onto this daemon (repairs and moves).
+    pub incoming_copies: u64,
     /// What the daemon itself last reported.
     pub usage: NodeUsage,
     /// Pieces the namespace references on this daemon.
@@ -376,7 +408,62 @@ pub struct ClusterReport {
     /// Files unlinked while open, waiting for their last close.
     pub orphaned_files: u64,
     pub sessions: u64,
+    /// Cluster default replication factor.
+    pub replicas: u8,
+    pub redundancy: Redundancy,
 }
+
+/// The state of the cluster's copies, as of the last scan (every few seconds).
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct Redundancy {
+    /// Chunks with data.
+    pub pieces: u64,
+    /// Copies referenced (sum over pieces of their replica count).
+    pub copies: u64,
+    /// Pieces with fewer usable copies than their replication factor (copies on dead or
+    /// draining daemons, or missing).
+    pub under_replicated: u64,
+    /// Pieces whose every copy is on a daemon that is not up: unreadable until one returns.
+    pub unavailable: u64,
+    /// Pieces with no copy left on any daemon that is not dead: lost unless a daemon returns.
+    pub lost: u64,
+    /// Copies being made to restore the replication factor.
+    pub repairs_in_flight: u64,
+    /// Copies being made to rebalance or drain (the old copy is deleted once the new one is
+    /// recorded).
+    pub moves_in_flight: u64,
+    /// Repairs and moves completed since the metaserver started.
+    pub repairs_done: u64,
+    pub moves_done: u64,
+    /// Milliseconds since the scan these numbers come from.
+    pub scanned_ms_ago: u64,
+}
+
+/// `dfs drain NODE`: empty a daemon onto the others (or stop doing so).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Drain {
+    pub node: String,
+    pub cancel: bool,
+}
+
+/// Starts a consistent snapshot of the metaserver's database.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Backup {}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct BackupSnapshot {
+    pub id: u64,
+    pub len: u64,
+}
+
+/// Reads the next bytes of a snapshot (at most [`BACKUP_READ`]).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct BackupRead {
+    pub id: u64,
+    pub offset: u64,
+}
+
+pub const BACKUP_READ: u32 = 1 << 20;
 
 /// A storage daemon (re)joins the cluster.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -385,6 +472,8 @@ pub struct RegisterNode {
     /// Address clients use to reach the daemon.
     pub addr: String,
     pub usage: NodeUsage,
+    /// Failure domain label (machine, rack), if configured.
+    pub domain: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -399,6 +488,25 @@ pub struct Heartbeat {
     pub usage: NodeUsage,
     /// Pieces deleted since the last heartbeat, as asked.
     pub deleted: Vec<PieceId>,
+    /// Copy orders finished since the last heartbeat.
+    pub copied: Vec<CopyDone>,
+    /// Pieces found damaged (checksum mismatch on a read or a scrub) since the last heartbeat.
+    pub corrupt: Vec<PieceId>,
+}
+
+/// Make a copy of a piece on this daemon, reading it from one of `sources`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct CopyOrder {
+    pub piece: PieceId,
+    pub len: u64,
+    pub sources: Vec<NodeAddr>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct CopyDone {
+    pub piece: PieceId,
+    /// The durable copy's length, or why it could not be made.
+    pub outcome: Result<u64, String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -407,6 +515,8 @@ pub struct HeartbeatReply {
     pub delete: Vec<PieceId>,
     /// More deletions are queued: heartbeat again right away.
     pub more: bool,
+    /// Copies to make (repairs, moves).
+    pub copy: Vec<CopyOrder>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
