@@ -73,7 +73,9 @@ fn cert_files(name: &str) -> (PathBuf, PathBuf) {
 /// Loads `DIR/dfs.toml`, creating the whole cluster directory first if it does not exist, and
 /// adds storage daemons until there are at least `daemons`. `host` is the IP address every
 /// process listens on.
-pub fn prepare(dir: &Path, daemons: usize, host: &str) -> Result<Config, LocalError> {
+/// Creates (or extends to `daemons` storage daemons) a local cluster directory; `replicas`
+/// sets the cluster's default replication factor.
+pub fn prepare(dir: &Path, daemons: usize, host: &str, replicas: Option<u8>) -> Result<Config, LocalError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let config_path = dir.join(CONFIG_FILE);
     if !config_path.exists() {
@@ -85,6 +87,12 @@ pub fn prepare(dir: &Path, daemons: usize, host: &str) -> Result<Config, LocalEr
     while config.storaged.len() < daemons {
         let entry = new_storage_daemon(dir, &config, &ca, host)?;
         config.storaged.push(entry);
+        changed = true;
+    }
+    if let (Some(r), Some(m)) = (replicas, config.metaserver.as_mut())
+        && m.replicas != r
+    {
+        m.replicas = r;
         changed = true;
     }
     if changed {
@@ -153,14 +161,19 @@ mod tests {
     #[test]
     fn prepare_creates_then_extends() {
         let dir = tempfile::tempdir().unwrap();
-        let c = prepare(dir.path(), 2, "127.0.0.1").unwrap();
+        let c = prepare(dir.path(), 2, "127.0.0.1", None).unwrap();
         assert_eq!(c.storaged.len(), 2);
         assert!(dir.path().join("certs/storage-2.key").exists());
-        let c2 = prepare(dir.path(), 3, "127.0.0.1").unwrap();
+        let c2 = prepare(dir.path(), 3, "127.0.0.1", Some(2)).unwrap();
         assert_eq!(c2.storaged.len(), 3);
+        assert_eq!(
+            c2.metaserver.as_ref().unwrap().replicas,
+            2,
+            "dfs up --replicas is kept in the config"
+        );
         assert_eq!(c2.cluster.metaserver, c.cluster.metaserver);
         assert_eq!(c2.storaged[0], c.storaged[0]);
-        let c3 = prepare(dir.path(), 1, "127.0.0.1").unwrap();
+        let c3 = prepare(dir.path(), 1, "127.0.0.1", None).unwrap();
         assert_eq!(c3.storaged.len(), 3, "existing daemons are kept");
     }
 }

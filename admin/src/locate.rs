@@ -107,15 +107,18 @@ pub fn render(located: &[Located]) -> String {
             l.chunks.len()
         );
         for c in &l.chunks {
+            let holders: Vec<String> = c
+                .nodes
+                .iter()
+                .map(|n| format!("{} ({}){}", n.name, n.addr, if n.up { "" } else { " DOWN" }))
+                .collect();
             let _ = writeln!(
                 out,
-                "  chunk {:>6}  piece {:>10}  {:>10} bytes  on {} ({}){}",
+                "  chunk {:>6}  piece {:>10}  {:>10} bytes  on {}",
                 c.chunk,
                 c.piece,
                 c.len,
-                c.node.name,
-                c.node.addr,
-                if c.node.up { "" } else { "  DOWN" }
+                holders.join(", ")
             );
         }
     }

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use dfs_admin::{local, locate, mount_helper, status, up};
+use dfs_admin::{drain, local, locate, mount_helper, replicas, status, up};
 use dfs_common::config::{Config, DEFAULT_PATH};
 use dfs_proto::certs;
 
@@ -27,6 +27,31 @@ enum Cmd {
         /// Number of storage daemons (default 3 for a new cluster).
         #[arg(long)]
         storage_daemons: Option<usize>,
+        /// Copies of every piece of data (the cluster default; directories may override it
+        /// with `dfs replicas`).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=dfs_common::config::MAX_REPLICAS as i64))]
+        replicas: Option<u8>,
+    },
+    /// Empty a storage daemon onto the others before retiring it (shows progress).
+    Drain {
+        /// The daemon's name, as in `dfs status`.
+        node: String,
+        /// Stop draining: the daemon takes new data again.
+        #[arg(long)]
+        cancel: bool,
+        /// Start the drain and return without following it.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Show or set the replication factor of files or directories on a dfs mount (a
+    /// directory's passes to new files and directories created in it).
+    Replicas {
+        path: PathBuf,
+        /// New factor; without it, the current one is shown.
+        #[arg(value_parser = clap::value_parser!(u8).range(1..=dfs_common::config::MAX_REPLICAS as i64))]
+        replicas: Option<u8>,
     },
     /// Show storage daemons, their usage, and file counts.
     Status {
@@ -101,16 +126,46 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Drain {
+            node,
+            cancel,
+            no_wait,
+            config,
+        } => {
+            let config = Config::load(&config)?;
+            let finished = runtime()?.block_on(drain::run(&config, &node, cancel, !no_wait))?;
+            if !finished && !no_wait {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
+        Cmd::Replicas { path, replicas: None } => {
+            match replicas::get(&path)? {
+                Some(n) => println!("{}: {n}", path.display()),
+                None => println!("{}: cluster default", path.display()),
+            }
+            Ok(())
+        }
+        Cmd::Replicas {
+            path,
+            replicas: Some(n),
+        } => {
+            replicas::set(&path, n)?;
+            println!("{}: {n}", path.display());
+            Ok(())
+        }
         Cmd::Up {
             mountpoint,
             data_dir,
             storage_daemons,
+            replicas,
         } => {
             dfs_common::logging::init("dfs");
             let opts = up::UpOptions {
                 mountpoint,
                 dir: data_dir.unwrap_or_else(local::default_dir),
                 storage_daemons,
+                replicas,
             };
             runtime()?.block_on(up::run(opts))?;
             Ok(())

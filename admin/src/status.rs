@@ -4,7 +4,7 @@ use std::fmt::Write;
 use std::time::Duration;
 
 use dfs_common::Config;
-use dfs_proto::meta::{ClusterReport, ClusterStatus};
+use dfs_proto::meta::{ClusterReport, ClusterStatus, NodeReport, NodeState};
 use dfs_proto::tls::TlsIdentity;
 use dfs_proto::{Peer, RpcError};
 
@@ -20,8 +20,8 @@ pub enum StatusError {
     Rpc(#[from] RpcError),
 }
 
-/// Asks the metaserver named in `config` for the cluster report.
-pub async fn fetch(config: &Config, timeout: Duration) -> Result<ClusterReport, StatusError> {
+/// A connection to the metaserver named in `config`, with the config's client certificate.
+pub fn connect(config: &Config, timeout: Duration) -> Result<(quinn::Endpoint, Peer), StatusError> {
     let client = config.client()?;
     let tls = TlsIdentity::load(&config.tls_files(&client.cert, &client.key))?;
     let endpoint = dfs_proto::endpoint::client(tls.client_config()?)?;
@@ -31,9 +31,28 @@ pub async fn fetch(config: &Config, timeout: Duration) -> Result<ClusterReport, 
         config.cluster.metaserver_name.clone(),
         timeout,
     );
+    Ok((endpoint, peer))
+}
+
+/// Asks the metaserver named in `config` for the cluster report.
+pub async fn fetch(config: &Config, timeout: Duration) -> Result<ClusterReport, StatusError> {
+    let (endpoint, peer) = connect(config, timeout)?;
     let report = peer.call(ClusterStatus {}, timeout).await;
     endpoint.close(0u32.into(), b"done");
     Ok(report?)
+}
+
+pub fn state_label(n: &NodeReport) -> String {
+    let state = match n.state {
+        NodeState::Up => "up",
+        NodeState::Down => "DOWN",
+        NodeState::Dead => "DEAD",
+    };
+    if n.draining {
+        format!("{state},drain")
+    } else {
+        state.to_owned()
+    }
 }
 
 pub fn human_bytes(n: u64) -> String {
@@ -55,8 +74,8 @@ pub fn render(report: &ClusterReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:<22} {:<5} {:>9} {:>11} {:>11} {:>10}",
-        "STORAGE DAEMON", "ADDRESS", "STATE", "PIECES", "STORED", "FREE", "LAST SEEN"
+        "{:<16} {:<22} {:<10} {:>9} {:>11} {:>11} {:>8} {:>8} {:>10}",
+        "STORAGE DAEMON", "ADDRESS", "STATE", "PIECES", "STORED", "FREE", "COPYING", "DELETING", "LAST SEEN"
     );
     let (mut pieces, mut bytes, mut free, mut up) = (0, 0, 0, 0);
     for n in &report.nodes {
@@ -66,13 +85,15 @@ pub fn render(report: &ClusterReport) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<16} {:<22} {:<5} {:>9} {:>11} {:>11} {:>10}",
+            "{:<16} {:<22} {:<10} {:>9} {:>11} {:>11} {:>8} {:>8} {:>10}",
             n.node.name,
             n.node.addr,
-            if n.node.up { "up" } else { "DOWN" },
+            state_label(n),
             n.usage.pieces,
             human_bytes(n.usage.bytes),
             human_bytes(n.usage.free_bytes),
+            n.incoming_copies,
+            n.pending_deletes,
             seen
         );
         pieces += n.usage.pieces;
@@ -84,7 +105,7 @@ pub fn render(report: &ClusterReport) -> String {
     }
     let _ = writeln!(
         out,
-        "{:<16} {:<22} {:<5} {:>9} {:>11} {:>11}",
+        "{:<16} {:<22} {:<10} {:>9} {:>11} {:>11}",
         "total",
         format!("{} daemons", report.nodes.len()),
         format!("{up} up"),
@@ -104,6 +125,31 @@ pub fn render(report: &ClusterReport) -> String {
         out,
         "mount sessions: {}   pieces awaiting deletion: {}   unlinked files still open: {}",
         report.sessions, report.pending_deletes, report.orphaned_files
+    );
+    let r = &report.redundancy;
+    let _ = writeln!(
+        out,
+        "\nreplication factor: {} (default)   pieces: {}   copies: {}",
+        report.replicas, r.pieces, r.copies
+    );
+    let health = if r.lost > 0 {
+        "LOST DATA"
+    } else if r.unavailable > 0 {
+        "UNAVAILABLE DATA"
+    } else if r.under_replicated > 0 {
+        "degraded"
+    } else {
+        "healthy"
+    };
+    let _ = writeln!(
+        out,
+        "redundancy: {health}   under-replicated: {}   unavailable: {}   lost: {}",
+        r.under_replicated, r.unavailable, r.lost
+    );
+    let _ = writeln!(
+        out,
+        "repairs in progress: {}   moves in progress: {}   done since start: {} repairs, {} moves",
+        r.repairs_in_flight, r.moves_in_flight, r.repairs_done, r.moves_done
     );
     out
 }

@@ -53,6 +53,8 @@ pub struct UpOptions {
     pub mountpoint: PathBuf,
     pub dir: PathBuf,
     pub storage_daemons: Option<usize>,
+    /// Default replication factor of the cluster.
+    pub replicas: Option<u8>,
 }
 
 struct Process {
@@ -195,7 +197,11 @@ pub async fn run(opts: UpOptions) -> Result<(), UpError> {
         binary: PathBuf::from("dfs"),
         source,
     })?;
-    let config = local::prepare(&opts.dir, opts.storage_daemons.unwrap_or(3), "127.0.0.1")?;
+    let wanted = opts
+        .storage_daemons
+        .unwrap_or(3)
+        .max(opts.replicas.unwrap_or(1) as usize);
+    let config = local::prepare(&opts.dir, wanted, "127.0.0.1", opts.replicas)?;
     if let Some(n) = opts.storage_daemons
         && config.storaged.len() > n
     {

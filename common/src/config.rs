@@ -264,8 +264,8 @@ impl Config {
             }
             // A piece may sit written but uncommitted for as long as a mount keeps data back;
             // collecting it sooner would lose acknowledged-to-be writes.
-            if m.orphan_piece_grace_secs < 60 {
-                return Err(self.invalid("metaserver.orphan_piece_grace_secs must be at least 60"));
+            if m.orphan_piece_grace_secs < 10 {
+                return Err(self.invalid("metaserver.orphan_piece_grace_secs must be at least 10"));
             }
             if !(1..=MAX_REPLICAS).contains(&m.replicas) {
                 return Err(self.invalid(format!("metaserver.replicas must be between 1 and {MAX_REPLICAS}")));

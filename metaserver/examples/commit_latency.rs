@@ -19,11 +19,16 @@ fn main() {
     rt.block_on(async {
         let svc = MetaService::start(
             Arc::new(db),
+            dir.path().to_owned(),
             Settings {
                 chunk_size: 8 << 20,
                 heartbeat_timeout: Duration::from_secs(5),
                 session_timeout: Duration::from_secs(30),
                 orphan_piece_grace: Duration::from_secs(3600),
+                replicas: 1,
+                dead_after: Duration::from_secs(600),
+                balance_threshold_percent: 10,
+                copies_per_node: 4,
             },
         )
         .unwrap();
@@ -71,6 +76,7 @@ fn main() {
             .unwrap()
             .session;
         svc.register_node(dfs_proto::meta::RegisterNode {
+            domain: None,
             name: "storage-1".into(),
             addr: "127.0.0.1:1".into(),
             usage: dfs_proto::types::NodeUsage {
@@ -113,7 +119,7 @@ fn main() {
                 pieces: vec![dfs_proto::meta::WrittenPiece {
                     chunk: 0,
                     piece: piece.piece,
-                    node: piece.node.id,
+                    nodes: piece.nodes.iter().map(|n| n.id).collect(),
                     len: 4096,
                 }],
                 min_size: 4096 + i as u64 % 2,

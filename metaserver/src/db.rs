@@ -48,7 +48,7 @@ pub fn open(path: &Path, chunk_size: u64) -> Result<Database> {
 pub trait Tables {
     fn inodes(&self) -> &impl ReadableTable<u64, &'static [u8]>;
     fn dirents(&self) -> &impl ReadableTable<(u64, &'static [u8]), u64>;
-    fn chunks(&self) -> &impl ReadableTable<(u64, u64), (u64, u32, u64)>;
+    fn chunks(&self) -> &impl ReadableTable<(u64, u64), &'static [u8]>;
     fn xattrs(&self) -> &impl ReadableTable<(u64, &'static [u8]), &'static [u8]>;
 }
 
@@ -67,7 +67,7 @@ pub struct Effects {
 pub struct WriteCtx<'t> {
     pub inodes: Table<'t, u64, &'static [u8]>,
     pub dirents: Table<'t, (u64, &'static [u8]), u64>,
-    pub chunks: Table<'t, (u64, u64), (u64, u32, u64)>,
+    pub chunks: Table<'t, (u64, u64), &'static [u8]>,
     pub xattrs: Table<'t, (u64, &'static [u8]), &'static [u8]>,
     pub node_pieces: Table<'t, (u32, u64), (u64, u64, u64)>,
     pub deletes: Table<'t, (u32, u64), ()>,
@@ -158,7 +158,7 @@ impl Tables for WriteCtx<'_> {
     fn dirents(&self) -> &impl ReadableTable<(u64, &'static [u8]), u64> {
         &self.dirents
     }
-    fn chunks(&self) -> &impl ReadableTable<(u64, u64), (u64, u32, u64)> {
+    fn chunks(&self) -> &impl ReadableTable<(u64, u64), &'static [u8]> {
         &self.chunks
     }
     fn xattrs(&self) -> &impl ReadableTable<(u64, &'static [u8]), &'static [u8]> {
@@ -170,7 +170,7 @@ impl Tables for WriteCtx<'_> {
 pub struct ReadCtx {
     pub inodes: ReadOnlyTable<u64, &'static [u8]>,
     pub dirents: ReadOnlyTable<(u64, &'static [u8]), u64>,
-    pub chunks: ReadOnlyTable<(u64, u64), (u64, u32, u64)>,
+    pub chunks: ReadOnlyTable<(u64, u64), &'static [u8]>,
     pub xattrs: ReadOnlyTable<(u64, &'static [u8]), &'static [u8]>,
     pub node_pieces: ReadOnlyTable<(u32, u64), (u64, u64, u64)>,
     pub deletes: ReadOnlyTable<(u32, u64), ()>,
@@ -208,7 +208,7 @@ impl Tables for ReadCtx {
     fn dirents(&self) -> &impl ReadableTable<(u64, &'static [u8]), u64> {
         &self.dirents
     }
-    fn chunks(&self) -> &impl ReadableTable<(u64, u64), (u64, u32, u64)> {
+    fn chunks(&self) -> &impl ReadableTable<(u64, u64), &'static [u8]> {
         &self.chunks
     }
     fn xattrs(&self) -> &impl ReadableTable<(u64, &'static [u8]), &'static [u8]> {

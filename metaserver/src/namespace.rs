@@ -8,13 +8,14 @@
 
 use std::ops::Bound;
 
+use dfs_common::config::MAX_REPLICAS;
 use dfs_proto::ErrorKind;
 use dfs_proto::meta::{
     AttrChanges, DirEntry, DirPage, MAX_XATTR_LIST, MAX_XATTR_NAME, MAX_XATTR_VALUE, RenameMode, SetAttr, TimeSet,
     WrittenPiece, XattrMode,
 };
 use dfs_proto::names::{MAX_SYMLINK_LEN, validate_name};
-use dfs_proto::types::{Attr, FileKind, Ino, NodeId, ROOT_INO};
+use dfs_proto::types::{Attr, FileKind, Ino, NodeId, PieceId, ROOT_INO};
 use redb::ReadableTable;
 
 use crate::db::{Tables, WriteCtx};
@@ -114,13 +115,17 @@ pub fn chunk_range(t: &impl Tables, ino: Ino, first: u64, last: u64) -> Result<V
     let mut out = Vec::new();
     for item in t.chunks().range((ino, first)..=(ino, last))? {
         let (key, value) = item?;
-        out.push((key.value().1, ChunkRecord::from(value.value())));
+        let index = key.value().1;
+        out.push((index, ChunkRecord::decode(ino, index, value.value())?));
     }
     Ok(out)
 }
 
 pub fn chunk(t: &impl Tables, ino: Ino, index: u64) -> Result<Option<ChunkRecord>> {
-    Ok(t.chunks().get((ino, index))?.map(|v| ChunkRecord::from(v.value())))
+    match t.chunks().get((ino, index))? {
+        Some(v) => Ok(Some(ChunkRecord::decode(ino, index, v.value())?)),
+        None => Ok(None),
+    }
 }
 
 fn is_empty_dir(t: &impl Tables, ino: Ino) -> Result<bool> {
@@ -204,6 +209,13 @@ pub fn make_node(ctx: &mut WriteCtx<'_>, n: &NewNode<'_>) -> Result<(Ino, InodeR
     }
     ctx.put_inode(ino, &rec)?;
     ctx.dirents.insert((n.parent, n.name), ino)?;
+    // A directory's replication factor passes to what is created in it.
+    if matches!(n.kind, FileKind::Directory | FileKind::RegularFile) {
+        let inherited = ctx.xattrs.get((n.parent, REPLICAS_XATTR))?.map(|v| v.value().to_vec());
+        if let Some(value) = inherited {
+            ctx.xattrs.insert((ino, REPLICAS_XATTR), value.as_slice())?;
+        }
+    }
     touch_dir(ctx, n.parent, if n.kind == FileKind::Directory { 1 } else { 0 })?;
     ctx.add_counter(counter_for(n.kind), 1)?;
     Ok((ino, rec))
@@ -494,11 +506,31 @@ pub fn link(ctx: &mut WriteCtx<'_>, ino: Ino, new_parent: Ino, new_name: &[u8]) 
     Ok(rec.attr(ino))
 }
 
-/// Stops referencing a piece and queues its deletion on its daemon.
-fn release_piece(ctx: &mut WriteCtx<'_>, c: ChunkRecord) -> Result<()> {
-    ctx.node_pieces.remove((c.node, c.piece))?;
-    ctx.deletes.insert((c.node, c.piece), ())?;
-    ctx.effects.pieces_removed.push((c.node, c.piece, c.len));
+/// Stops referencing a piece and queues its deletion on every daemon holding a copy.
+fn release_piece(ctx: &mut WriteCtx<'_>, c: &ChunkRecord) -> Result<()> {
+    for &node in &c.nodes {
+        drop_copy(ctx, node, c.piece, c.len)?;
+    }
+    Ok(())
+}
+
+/// Forgets the copy of `piece` on `node` and queues its deletion there.
+pub fn drop_copy(ctx: &mut WriteCtx<'_>, node: NodeId, piece: PieceId, len: u64) -> Result<()> {
+    ctx.node_pieces.remove((node, piece))?;
+    ctx.deletes.insert((node, piece), ())?;
+    ctx.effects.pieces_removed.push((node, piece, len));
+    Ok(())
+}
+
+/// Records a copy of a chunk's piece on `node`.
+fn add_copy(ctx: &mut WriteCtx<'_>, node: NodeId, ino: Ino, index: u64, piece: PieceId, len: u64) -> Result<()> {
+    ctx.node_pieces.insert((node, piece), (ino, index, len))?;
+    ctx.effects.pieces_added.push((node, piece, len));
+    Ok(())
+}
+
+pub fn put_chunk(ctx: &mut WriteCtx<'_>, ino: Ino, index: u64, c: &ChunkRecord) -> Result<()> {
+    ctx.chunks.insert((ino, index), c.encode().as_slice())?;
     Ok(())
 }
 
@@ -507,7 +539,7 @@ fn remove_chunks_from(ctx: &mut WriteCtx<'_>, ino: Ino, rec: &mut InodeRecord, f
     let doomed = chunk_range(ctx, ino, first, u64::MAX)?;
     for (index, c) in doomed {
         ctx.chunks.remove((ino, index))?;
-        release_piece(ctx, c)?;
+        release_piece(ctx, &c)?;
         rec.stored_bytes = rec.stored_bytes.saturating_sub(c.len);
     }
     Ok(())
@@ -521,12 +553,14 @@ fn truncate(ctx: &mut WriteCtx<'_>, ino: Ino, rec: &mut InodeRecord, size: u64, 
         if let Some(mut c) = chunk(ctx, ino, index)?
             && c.len > keep
         {
-            ctx.effects.pieces_removed.push((c.node, c.piece, c.len));
-            ctx.effects.pieces_added.push((c.node, c.piece, keep));
+            for &node in &c.nodes {
+                ctx.effects.pieces_removed.push((node, c.piece, c.len));
+                ctx.effects.pieces_added.push((node, c.piece, keep));
+                ctx.node_pieces.insert((node, c.piece), (ino, index, keep))?;
+            }
             rec.stored_bytes = rec.stored_bytes.saturating_sub(c.len - keep);
             c.len = keep;
-            ctx.chunks.insert((ino, index), c.value())?;
-            ctx.node_pieces.insert((c.node, c.piece), (ino, index, keep))?;
+            put_chunk(ctx, ino, index, &c)?;
         }
     }
     rec.size = size;
@@ -600,16 +634,21 @@ pub fn commit_write(
     chunk_size: u64,
 ) -> Result<Attr> {
     for p in pieces {
+        if p.nodes.is_empty() {
+            return Err(fs_err(
+                ErrorKind::InvalidArgument,
+                format!("piece {} committed without a daemon holding it", p.piece),
+            ));
+        }
         // A piece already queued for deletion (unreferenced for too long, or replaced since a
         // first, unanswered attempt at this commit) must not be referenced again.
-        if ctx.deletes.get((p.node, p.piece))?.is_some() {
-            return Err(fs_err(
-                ErrorKind::Stale,
-                format!(
-                    "piece {} on node {} was deleted before it was committed",
-                    p.piece, p.node
-                ),
-            ));
+        for &node in &p.nodes {
+            if ctx.deletes.get((node, p.piece))?.is_some() {
+                return Err(fs_err(
+                    ErrorKind::Stale,
+                    format!("piece {} on node {node} was deleted before it was committed", p.piece),
+                ));
+            }
         }
         if p.len > chunk_size {
             return Err(fs_err(
@@ -626,7 +665,9 @@ pub fn commit_write(
         found => {
             // The file is gone (or never was a file): its new pieces would be leaked.
             for p in pieces {
-                ctx.deletes.insert((p.node, p.piece), ())?;
+                for &node in &p.nodes {
+                    ctx.deletes.insert((node, p.piece), ())?;
+                }
             }
             return Err(match found {
                 Some(_) => fs_err(ErrorKind::InvalidArgument, format!("inode {ino} is not a regular file")),
@@ -636,15 +677,24 @@ pub fn commit_write(
     };
     for p in pieces {
         let old = chunk(ctx, ino, p.chunk)?;
-        if old.is_some_and(|o| o.piece == p.piece) {
+        if old.as_ref().is_some_and(|o| o.piece == p.piece) {
             continue;
         }
-        ctx.chunks.insert((ino, p.chunk), (p.piece, p.node, p.len))?;
-        ctx.node_pieces.insert((p.node, p.piece), (ino, p.chunk, p.len))?;
-        ctx.effects.pieces_added.push((p.node, p.piece, p.len));
+        let mut nodes = p.nodes.clone();
+        nodes.sort_unstable();
+        nodes.dedup();
+        for &node in &nodes {
+            add_copy(ctx, node, ino, p.chunk, p.piece, p.len)?;
+        }
+        let record = ChunkRecord {
+            piece: p.piece,
+            len: p.len,
+            nodes,
+        };
+        put_chunk(ctx, ino, p.chunk, &record)?;
         rec.stored_bytes += p.len;
         if let Some(o) = old {
-            release_piece(ctx, o)?;
+            release_piece(ctx, &o)?;
             rec.stored_bytes = rec.stored_bytes.saturating_sub(o.len);
         }
     }
@@ -667,7 +717,7 @@ pub fn reap_orphan(ctx: &mut WriteCtx<'_>, ino: Ino) -> Result<()> {
 }
 
 /// Records a storage daemon by name; returns its id (stable across restarts).
-pub fn register_node(ctx: &mut WriteCtx<'_>, name: &str, addr: &str) -> Result<NodeId> {
+pub fn register_node(ctx: &mut WriteCtx<'_>, name: &str, addr: &str, domain: Option<&str>) -> Result<NodeId> {
     let mut max_id = 0;
     let mut found = None;
     for item in ctx.nodes.iter()? {
@@ -682,6 +732,8 @@ pub fn register_node(ctx: &mut WriteCtx<'_>, name: &str, addr: &str) -> Result<N
     let record = NodeRecord {
         name: name.to_owned(),
         addr: addr.to_owned(),
+        domain: domain.map(str::to_owned),
+        draining: found.as_ref().is_some_and(|(_, r)| r.draining),
     };
     let id = match found {
         Some((id, existing)) if existing == record => return Ok(id),
@@ -690,6 +742,71 @@ pub fn register_node(ctx: &mut WriteCtx<'_>, name: &str, addr: &str) -> Result<N
     };
     ctx.nodes.insert(id, record.encode().as_slice())?;
     Ok(id)
+}
+
+/// Marks a daemon as being drained (or no longer); returns its id.
+pub fn set_draining(ctx: &mut WriteCtx<'_>, name: &str, draining: bool) -> Result<(NodeId, NodeRecord)> {
+    let mut found = None;
+    for item in ctx.nodes.iter()? {
+        let (id, value) = item?;
+        let rec = NodeRecord::decode(id.value(), value.value())?;
+        if rec.name == name {
+            found = Some((id.value(), rec));
+            break;
+        }
+    }
+    let Some((id, mut rec)) = found else {
+        return Err(not_found(format_args!("storage daemon {name:?}")));
+    };
+    rec.draining = draining;
+    ctx.nodes.insert(id, rec.encode().as_slice())?;
+    Ok((id, rec))
+}
+
+/// A copy of `piece` was made on `node` (a repair or a move). Records it if the chunk still
+/// holds that piece and returns true; otherwise queues the new copy for deletion (the chunk
+/// was rewritten or the file deleted meanwhile). A move then drops the copy on `from`.
+pub fn add_replica(
+    ctx: &mut WriteCtx<'_>,
+    ino: Ino,
+    index: u64,
+    piece: PieceId,
+    node: NodeId,
+    from: Option<NodeId>,
+) -> Result<bool> {
+    let current = chunk(ctx, ino, index)?;
+    let Some(mut c) = current.filter(|c| c.piece == piece) else {
+        ctx.deletes.insert((node, piece), ())?;
+        return Ok(false);
+    };
+    if !c.nodes.contains(&node) {
+        c.nodes.push(node);
+        add_copy(ctx, node, ino, index, piece, c.len)?;
+    }
+    if let Some(from) = from
+        && from != node
+        && c.nodes.contains(&from)
+    {
+        c.nodes.retain(|&n| n != from);
+        drop_copy(ctx, from, piece, c.len)?;
+    }
+    put_chunk(ctx, ino, index, &c)?;
+    Ok(true)
+}
+
+/// Drops the copy of a chunk's piece on `node` (damaged, surplus, or on a dead or drained
+/// daemon), never the last copy. Returns whether it was dropped.
+pub fn remove_replica(ctx: &mut WriteCtx<'_>, ino: Ino, index: u64, piece: PieceId, node: NodeId) -> Result<bool> {
+    let Some(mut c) = chunk(ctx, ino, index)?.filter(|c| c.piece == piece) else {
+        return Ok(false);
+    };
+    if !c.nodes.contains(&node) || c.nodes.len() < 2 {
+        return Ok(false);
+    }
+    c.nodes.retain(|&n| n != node);
+    drop_copy(ctx, node, piece, c.len)?;
+    put_chunk(ctx, ino, index, &c)?;
+    Ok(true)
 }
 
 pub fn ack_deletes(ctx: &mut WriteCtx<'_>, node: NodeId, pieces: &[u64]) -> Result<()> {
@@ -752,9 +869,36 @@ pub fn list_xattrs(t: &impl Tables, ino: Ino) -> Result<Vec<Vec<u8>>> {
     Ok(names)
 }
 
+/// The extended attribute holding a file's or directory's replication factor (an ASCII number).
+pub const REPLICAS_XATTR: &[u8] = b"user.dfs.replicas";
+
+/// Parses a `user.dfs.replicas` value.
+pub fn parse_replicas(value: &[u8]) -> Option<u8> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    let n: u8 = text.parse().ok()?;
+    (1..=MAX_REPLICAS).contains(&n).then_some(n)
+}
+
+/// How many copies the chunks of `ino` should have.
+pub fn replicas_of(t: &impl Tables, ino: Ino, default: u8) -> Result<u8> {
+    Ok(match t.xattrs().get((ino, REPLICAS_XATTR))? {
+        Some(v) => parse_replicas(v.value()).unwrap_or(default),
+        None => default,
+    })
+}
+
 pub fn set_xattr(ctx: &mut WriteCtx<'_>, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<Attr> {
     let mut rec = inode(ctx, ino)?;
     check_xattr_name(name)?;
+    if name == REPLICAS_XATTR && parse_replicas(value).is_none() {
+        return Err(fs_err(
+            ErrorKind::InvalidArgument,
+            format!(
+                "{}: the replication factor must be a number from 1 to {MAX_REPLICAS}",
+                show(REPLICAS_XATTR)
+            ),
+        ));
+    }
     if value.len() > MAX_XATTR_VALUE {
         return Err(fs_err(
             ErrorKind::OutOfRange,
@@ -870,7 +1014,7 @@ mod tests {
         WrittenPiece {
             chunk,
             piece,
-            node: 1,
+            nodes: vec![1],
             len,
         }
     }
@@ -1126,9 +1270,9 @@ mod tests {
     #[test]
     fn nodes_keep_their_id_by_name() {
         let f = Fixture::new();
-        let a = f.write(|c| register_node(c, "storage-1", "127.0.0.1:1")).unwrap();
-        let b = f.write(|c| register_node(c, "storage-2", "127.0.0.1:2")).unwrap();
-        let a2 = f.write(|c| register_node(c, "storage-1", "127.0.0.1:9")).unwrap();
+        let a = f.write(|c| register_node(c, "storage-1", "127.0.0.1:1", None)).unwrap();
+        let b = f.write(|c| register_node(c, "storage-2", "127.0.0.1:2", None)).unwrap();
+        let a2 = f.write(|c| register_node(c, "storage-1", "127.0.0.1:9", None)).unwrap();
         assert_eq!((a, b, a2), (1, 2, 1));
     }
 

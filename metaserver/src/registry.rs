@@ -1,13 +1,14 @@
 //! The live view of storage daemons: who is up, what they hold, where new data goes.
 //!
-//! Placement rule: among daemons that are up, not excluded and have room for a chunk, pick the
-//! one storing the fewest bytes, then the fewest pieces (pieces being written count too), so
-//! data spreads evenly as daemons join and as files arrive.
+//! Placement rule: among daemons that are up, not draining, not excluded and have room for a
+//! chunk, pick the one storing the fewest bytes, then the fewest pieces (pieces being written
+//! count too), so data spreads evenly as daemons join and as files arrive. The copies of one
+//! piece go to distinct daemons, and to distinct failure domains while there are enough.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use dfs_proto::meta::NodeReport;
+use dfs_proto::meta::{NodeReport, NodeState as Liveness};
 use dfs_proto::types::{NodeAddr, NodeId, NodeUsage, PieceId};
 
 use crate::db::Effects;
@@ -16,6 +17,11 @@ use crate::db::Effects;
 pub struct NodeState {
     pub name: String,
     pub addr: String,
+    pub domain: Option<String>,
+    pub draining: bool,
+    /// When the metaserver learned of it (load or first registration): the start of its
+    /// silence if it never reports.
+    pub known_since: Instant,
     pub last_seen: Option<Instant>,
     /// Known from the database but not heard from since the metaserver started: presumed up
     /// until then, so a metaserver restart does not fail reads while daemons reconnect.
@@ -44,6 +50,7 @@ pub struct Registry {
     nodes: BTreeMap<NodeId, NodeState>,
     pending: HashMap<PieceId, Pending>,
     heartbeat_timeout: Duration,
+    dead_after: Duration,
 }
 
 /// Why no daemon could be chosen, for the client and the log.
@@ -64,16 +71,26 @@ impl Registry {
             nodes: BTreeMap::new(),
             pending: HashMap::new(),
             heartbeat_timeout,
+            dead_after: Duration::from_secs(600),
         }
     }
 
+    /// How long a daemon may be down before its copies stop counting.
+    pub fn with_dead_after(mut self, dead_after: Duration) -> Self {
+        self.dead_after = dead_after;
+        self
+    }
+
     /// Adds a daemon known from the database, presumed up for one heartbeat timeout.
-    pub fn load(&mut self, id: NodeId, name: String, addr: String, now: Instant) {
+    pub fn load(&mut self, id: NodeId, rec: &crate::schema::NodeRecord, now: Instant) {
         self.nodes.insert(
             id,
             NodeState {
-                name,
-                addr,
+                name: rec.name.clone(),
+                addr: rec.addr.clone(),
+                domain: rec.domain.clone(),
+                draining: rec.draining,
+                known_since: now,
                 last_seen: None,
                 presumed_up_until: Some(now + self.heartbeat_timeout),
                 usage: NodeUsage::default(),
@@ -97,6 +114,9 @@ impl Registry {
         let node = self.nodes.entry(id).or_insert_with(|| NodeState {
             name: name.clone(),
             addr: addr.clone(),
+            domain: None,
+            draining: false,
+            known_since: now,
             last_seen: None,
             presumed_up_until: None,
             usage,
@@ -112,15 +132,17 @@ impl Registry {
         node.last_seen = Some(now);
     }
 
-    /// Records a heartbeat; false if the daemon is unknown (it must register).
+    /// Records a heartbeat; false if the daemon must register first: unknown, or known only
+    /// from before a metaserver restart (registering sends its inventory, which is how pieces
+    /// written but never committed before a crash are found).
     pub fn heartbeat(&mut self, id: NodeId, usage: NodeUsage, now: Instant) -> bool {
         match self.nodes.get_mut(&id) {
-            Some(n) => {
+            Some(n) if n.last_seen.is_some() => {
                 n.usage = usage;
                 n.last_seen = Some(now);
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 
@@ -141,6 +163,117 @@ impl Registry {
 
     pub fn node(&self, id: NodeId) -> Option<&NodeState> {
         self.nodes.get(&id)
+    }
+
+    pub fn set_domain(&mut self, id: NodeId, domain: Option<String>) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.domain = domain;
+        }
+    }
+
+    pub fn set_draining(&mut self, id: NodeId, draining: bool) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.draining = draining;
+        }
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.nodes.keys().copied()
+    }
+
+    /// Up, down (its copies still count), or dead (down longer than the grace period).
+    pub fn liveness(&self, id: NodeId, now: Instant) -> Liveness {
+        let Some(n) = self.nodes.get(&id) else {
+            return Liveness::Dead;
+        };
+        if self.up(n, now) {
+            return Liveness::Up;
+        }
+        let silent_since = n.last_seen.unwrap_or(n.known_since);
+        if now.saturating_duration_since(silent_since) >= self.heartbeat_timeout + self.dead_after {
+            Liveness::Dead
+        } else {
+            Liveness::Down
+        }
+    }
+
+    /// The failure domain of a daemon: its label, or itself.
+    pub fn domain(&self, id: NodeId) -> String {
+        match self.nodes.get(&id).and_then(|n| n.domain.clone()) {
+            Some(d) => format!("domain:{d}"),
+            None => format!("node:{id}"),
+        }
+    }
+
+    /// Whether new data (and copies) may go to this daemon.
+    fn takes_data(&self, n: &NodeState, min_free: u64, now: Instant) -> bool {
+        self.up(n, now) && n.last_seen.is_some() && !n.draining && n.usage.free_bytes >= min_free
+    }
+
+    /// Picks up to `count` distinct daemons for the copies of a new piece: least loaded first,
+    /// each in a failure domain not yet used (by the chosen ones or `taken`, daemons already
+    /// holding a copy), then any distinct daemon if there are not enough domains. Fails only if
+    /// none can be chosen.
+    pub fn choose_many(
+        &self,
+        count: usize,
+        taken: &[NodeId],
+        exclude: &[NodeId],
+        min_free: u64,
+        now: Instant,
+    ) -> Result<Vec<NodeId>, NoDaemon> {
+        let mut candidates: Vec<(u64, u64, NodeId)> = self
+            .nodes
+            .iter()
+            .filter(|(id, n)| !exclude.contains(id) && !taken.contains(id) && self.takes_data(n, min_free, now))
+            .map(|(&id, n)| {
+                (
+                    n.referenced_bytes + n.pending_bytes,
+                    n.referenced_pieces + n.pending_pieces,
+                    id,
+                )
+            })
+            .collect();
+        candidates.sort_unstable();
+        let mut domains: Vec<String> = taken.iter().map(|&id| self.domain(id)).collect();
+        let mut chosen: Vec<NodeId> = Vec::new();
+        for &(_, _, id) in &candidates {
+            if chosen.len() == count {
+                break;
+            }
+            let d = self.domain(id);
+            if !domains.contains(&d) {
+                domains.push(d);
+                chosen.push(id);
+            }
+        }
+        for &(_, _, id) in &candidates {
+            if chosen.len() == count {
+                break;
+            }
+            if !chosen.contains(&id) {
+                chosen.push(id);
+            }
+        }
+        if chosen.is_empty() {
+            let first = self.choose(exclude, min_free, now);
+            return Err(first.err().unwrap_or(NoDaemon {
+                registered: self.nodes.len(),
+                up: 0,
+                with_room: 0,
+                excluded: exclude.len() + taken.len(),
+            }));
+        }
+        Ok(chosen)
+    }
+
+    /// Bytes each daemon that takes data holds (committed plus expected), for balancing.
+    pub fn loads(&self, now: Instant) -> Vec<(NodeId, u64, u64)> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| self.takes_data(n, 0, now))
+            .map(|(&id, n)| (id, n.referenced_bytes + n.pending_bytes, n.usage.capacity_bytes))
+            .collect()
     }
 
     pub fn addr(&self, id: NodeId, now: Instant) -> NodeAddr {
@@ -168,7 +301,7 @@ impl Registry {
         let mut best: Option<(u64, u64, NodeId)> = None;
         for (&id, n) in &self.nodes {
             // Presumed-up daemons serve reads, but new data waits for real usage figures.
-            if !self.up(n, now) || n.last_seen.is_none() {
+            if !self.up(n, now) || n.last_seen.is_none() || n.draining {
                 continue;
             }
             up += 1;
@@ -282,6 +415,11 @@ impl Registry {
             .iter()
             .map(|(&id, n)| NodeReport {
                 node: self.addr(id, now),
+                state: self.liveness(id, now),
+                draining: n.draining,
+                domain: n.domain.clone(),
+                pending_deletes: 0,
+                incoming_copies: 0,
                 usage: n.usage,
                 referenced_pieces: n.referenced_pieces,
                 referenced_bytes: n.referenced_bytes,
@@ -416,7 +554,13 @@ mod tests {
     fn daemons_known_from_before_a_restart_are_presumed_up_briefly() {
         let now = Instant::now();
         let mut r = Registry::new(Duration::from_secs(5));
-        r.load(1, "s1".into(), "x".into(), now);
+        let rec = crate::schema::NodeRecord {
+            name: "s1".into(),
+            addr: "x".into(),
+            domain: None,
+            draining: false,
+        };
+        r.load(1, &rec, now);
         assert!(r.is_up(1, now + Duration::from_secs(4)));
         assert!(!r.is_up(1, now + Duration::from_secs(6)));
         assert_eq!(r.report(now)[0].last_seen_ms, None, "never heard from is shown as such");

@@ -4,8 +4,13 @@
 //! - every `DIRENTS` entry points at an existing inode; a directory's `nlink` is 2 plus its
 //!   subdirectories, a file's `nlink` is the number of entries naming it;
 //! - an inode with `nlink == 0` that still exists is listed in `ORPHANS` (open somewhere);
-//! - `CHUNKS` and `NODE_PIECES` describe the same pieces (one indexed by file, one by daemon);
-//! - a piece leaving `CHUNKS` enters `DELETES` in the same transaction, so no piece is leaked.
+//! - `CHUNKS` and `NODE_PIECES` describe the same copies (one indexed by file, one by daemon):
+//!   a chunk's piece is listed in `NODE_PIECES` under every daemon in its replica list;
+//! - a copy leaving `CHUNKS` (the piece replaced, or one replica dropped) enters `DELETES` in the
+//!   same transaction, so no piece is leaked and a daemon returning from the dead is told what
+//!   it no longer needs;
+//! - a piece id names one immutable version of a chunk: a daemon holding an older piece of a
+//!   chunk holds a different id, which nothing references, so a stale copy is never served.
 
 use dfs_proto::types::{Attr, FileKind, Ino, NodeId, PieceId, Timestamp};
 use redb::{ReadableTable, TableDefinition};
@@ -17,8 +22,8 @@ use crate::error::{MetaError, Result};
 pub const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
 /// (parent ino, name) -> child ino. Name order is readdir order.
 pub const DIRENTS: TableDefinition<(u64, &[u8]), u64> = TableDefinition::new("dirents");
-/// (ino, chunk index) -> (piece, node, valid length)
-pub const CHUNKS: TableDefinition<(u64, u64), (u64, u32, u64)> = TableDefinition::new("chunks");
+/// (ino, chunk index) -> postcard(ChunkRecord): the piece and the daemons holding its copies.
+pub const CHUNKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("chunks");
 /// (node, piece) -> (ino, chunk index, length): what each daemon should hold.
 pub const NODE_PIECES: TableDefinition<(u32, u64), (u64, u64, u64)> = TableDefinition::new("node_pieces");
 /// (node, piece) pieces that daemon must delete.
@@ -44,7 +49,7 @@ pub mod keys {
     pub const SYMLINKS: &str = "symlinks";
 }
 
-pub const FORMAT_VERSION: u64 = 1;
+pub const FORMAT_VERSION: u64 = 2;
 
 /// An inode as stored. Wrapped in a versioned enum so the format can evolve.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -132,6 +137,9 @@ impl InodeRecord {
 pub struct NodeRecord {
     pub name: String,
     pub addr: String,
+    pub domain: Option<String>,
+    /// `dfs drain` asked for this daemon to be emptied.
+    pub draining: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -155,23 +163,25 @@ impl NodeRecord {
     }
 }
 
-/// Where one chunk of a file is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where one chunk of a file is stored: one piece, copied on `nodes`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ChunkRecord {
     pub piece: PieceId,
-    pub node: NodeId,
     pub len: u64,
-}
-
-impl From<(u64, u32, u64)> for ChunkRecord {
-    fn from((piece, node, len): (u64, u32, u64)) -> Self {
-        ChunkRecord { piece, node, len }
-    }
+    /// Daemons holding a durable copy (distinct). Never empty while the chunk exists.
+    pub nodes: Vec<NodeId>,
 }
 
 impl ChunkRecord {
-    pub fn value(&self) -> (u64, u32, u64) {
-        (self.piece, self.node, self.len)
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("chunk serializes")
+    }
+
+    pub fn decode(ino: Ino, chunk: u64, bytes: &[u8]) -> Result<Self> {
+        postcard::from_bytes(bytes).map_err(|source| MetaError::Corrupt {
+            what: format!("chunk {chunk} of inode {ino}"),
+            source,
+        })
     }
 }
 

@@ -70,6 +70,9 @@ async fn handle_stream(svc: Arc<MetaService>, mut send: SendStream, mut recv: Re
         MetaRequest::RemoveXattr(r) => answer!(s, remote, RemoveXattr, svc.remove_xattr(r).await),
         MetaRequest::SetLock(r) => answer!(s, remote, SetLock, svc.set_lock(r).await),
         MetaRequest::TestLock(r) => answer!(s, remote, TestLock, svc.test_lock(r).await),
+        MetaRequest::Drain(r) => answer!(s, remote, Drain, svc.drain(r).await),
+        MetaRequest::Backup(r) => answer!(s, remote, Backup, svc.backup(r).await),
+        MetaRequest::BackupRead(r) => answer!(s, remote, BackupRead, svc.backup_read(r).await),
     };
     if sent.is_ok() {
         let _ = send.finish();

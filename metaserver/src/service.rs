@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 
 use dfs_proto::ErrorKind;
 use dfs_proto::meta::*;
-use dfs_proto::types::{Attr, FileKind, Ino, NodeId, PieceId};
+use dfs_proto::types::{Attr, FileKind, Ino, NodeAddr, NodeId, PieceId};
 use redb::{Database, ReadableTable, ReadableTableMetadata};
 use tokio::sync::Notify;
 
 use crate::committer::Committer;
 use crate::db::{ReadCtx, WriteCtx};
 use crate::error::{MetaError, Result};
+use crate::healer::HealerState;
 use crate::locks::ClusterLocks;
 use crate::namespace::{self, NewNode};
 use crate::registry::{NoDaemon, Registry};
@@ -35,21 +36,33 @@ pub struct Settings {
     pub heartbeat_timeout: Duration,
     pub session_timeout: Duration,
     pub orphan_piece_grace: Duration,
+    /// Cluster default replication factor.
+    pub replicas: u8,
+    pub dead_after: Duration,
+    pub balance_threshold_percent: u64,
+    pub copies_per_node: u32,
 }
 
 pub struct MetaService {
-    db: Arc<Database>,
+    pub(crate) db: Arc<Database>,
     committer: Committer,
-    registry: Arc<Mutex<Registry>>,
+    pub(crate) registry: Arc<Mutex<Registry>>,
     sessions: Arc<Mutex<Sessions>>,
     piece_ids: tokio::sync::Mutex<(PieceId, PieceId)>,
     inventories: Mutex<HashMap<NodeId, HashSet<PieceId>>>,
     reaper: Arc<Notify>,
     locks: ClusterLocks,
-    settings: Settings,
+    pub(crate) settings: Settings,
+    pub(crate) healer: Mutex<HealerState>,
+    /// Unreferenced pieces too young to delete when a daemon reported them: looked at again
+    /// once the grace period has passed, so they are collected without waiting for the next
+    /// inventory.
+    pub(crate) young_unreferenced: Mutex<HashMap<(NodeId, PieceId), Instant>>,
+    pub(crate) backups: Mutex<HashMap<u64, crate::backup::Snapshot>>,
+    pub(crate) db_dir: std::path::PathBuf,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -62,7 +75,7 @@ fn stale_session(id: u64) -> MetaError {
 
 impl MetaService {
     /// Loads the in-memory view from the database and starts the commit thread.
-    pub fn start(db: Arc<Database>, mut settings: Settings) -> Result<Arc<Self>> {
+    pub fn start(db: Arc<Database>, db_dir: std::path::PathBuf, mut settings: Settings) -> Result<Arc<Self>> {
         let r = ReadCtx::begin(&db)?;
         let stored_chunk = get_counter(&r.meta, keys::CHUNK_SIZE)?;
         if stored_chunk != settings.chunk_size {
@@ -72,11 +85,11 @@ impl MetaService {
             );
             settings.chunk_size = stored_chunk;
         }
-        let mut registry = Registry::new(settings.heartbeat_timeout);
+        let mut registry = Registry::new(settings.heartbeat_timeout).with_dead_after(settings.dead_after);
         for item in r.nodes.iter()? {
             let (id, value) = item?;
             let rec = NodeRecord::decode(id.value(), value.value())?;
-            registry.load(id.value(), rec.name, rec.addr, Instant::now());
+            registry.load(id.value(), &rec, Instant::now());
         }
         for item in r.node_pieces.iter()? {
             let (key, value) = item?;
@@ -131,6 +144,10 @@ impl MetaService {
             reaper,
             locks: ClusterLocks::default(),
             settings,
+            healer: Mutex::new(HealerState::default()),
+            young_unreferenced: Mutex::new(HashMap::new()),
+            backups: Mutex::new(HashMap::new()),
+            db_dir,
         }))
     }
 
@@ -139,14 +156,17 @@ impl MetaService {
     }
 
     /// Runs a query on a consistent snapshot, off the async threads.
-    async fn read<T: Send + 'static>(&self, f: impl FnOnce(&ReadCtx) -> Result<T> + Send + 'static) -> Result<T> {
+    pub(crate) async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ReadCtx) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || f(&ReadCtx::begin(&db)?))
             .await
             .map_err(|e| MetaError::CommitFailed(format!("query task failed: {e}")))?
     }
 
-    async fn write<T, F>(&self, op: F) -> Result<T>
+    pub(crate) async fn write<T, F>(&self, op: F) -> Result<T>
     where
         T: Send + 'static,
         F: for<'t> FnOnce(&mut WriteCtx<'t>) -> Result<T> + Send + 'static,
@@ -186,29 +206,34 @@ impl MetaService {
         Ok(id)
     }
 
-    /// The daemon for a new piece. Just after a restart, while daemons known from before have
-    /// not reported yet, waits for them rather than failing.
-    async fn choose_node(&self, exclude: &[NodeId]) -> Result<NodeId, NoDaemon> {
+    /// The daemons for a new piece's copies. Just after a restart, while daemons known from
+    /// before have not reported yet, waits for them rather than failing (or placing every copy
+    /// on the first daemon back).
+    async fn choose_nodes(&self, count: usize, exclude: &[NodeId]) -> Result<Vec<NodeId>, NoDaemon> {
+        let deadline = Instant::now() + self.settings.heartbeat_timeout;
         loop {
             let now = Instant::now();
             let (choice, waiting) = {
                 let registry = lock(&self.registry);
                 (
-                    registry.choose(exclude, self.settings.chunk_size, now),
+                    registry.choose_many(count, &[], exclude, self.settings.chunk_size, now),
                     registry.awaiting_reports(now),
                 )
             };
             match choice {
                 Err(_) if waiting => tokio::time::sleep(Duration::from_millis(50)).await,
+                Ok(nodes) if nodes.len() < count && waiting && now < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
                 other => return other,
             }
         }
     }
 
-    /// A new piece for a chunk that holds no data yet, on the daemon placement picks.
-    async fn allocate_new(&self, chunk: u64, exclude: &[NodeId]) -> Result<Allocation> {
-        let node = self
-            .choose_node(exclude)
+    /// A new piece for a chunk that holds no data yet, on the daemons placement picks.
+    async fn allocate_new(&self, chunk: u64, exclude: &[NodeId], replicas: u8) -> Result<Allocation> {
+        let nodes = self
+            .choose_nodes(replicas as usize, exclude)
             .await
             .map_err(|e| MetaError::fs(ErrorKind::NoSpace, e.to_string()))?;
         let piece = self.next_piece_id().await?;
@@ -217,21 +242,34 @@ impl MetaService {
         // Beyond the first chunk a file is large: expect a full chunk. A first chunk may be a
         // small file, and only counts as a piece.
         let expected = if chunk == 0 { 0 } else { self.settings.chunk_size };
-        registry.note_pending(piece, node, expected, now);
+        for &node in &nodes {
+            registry.note_pending(piece, node, expected, now);
+        }
+        if nodes.len() < replicas as usize {
+            tracing::warn!(
+                "piece {piece} starts with {} of {replicas} copies: not enough storage daemons can take data",
+                nodes.len()
+            );
+        }
         Ok(Allocation {
             chunk,
             piece,
-            node: registry.addr(node, now),
+            nodes: nodes.iter().map(|&n| registry.addr(n, now)).collect(),
             base: None,
+            replicas,
         })
     }
 
     fn location(&self, chunk: u64, c: ChunkRecord, now: Instant) -> ChunkLocation {
+        let registry = lock(&self.registry);
+        let mut nodes: Vec<NodeAddr> = c.nodes.iter().map(|&n| registry.addr(n, now)).collect();
+        // Up first, and among those the daemons staying in the cluster.
+        nodes.sort_by_key(|n| (!n.up, registry.node(n.id).is_some_and(|s| s.draining)));
         ChunkLocation {
             chunk,
             piece: c.piece,
             len: c.len,
-            node: lock(&self.registry).addr(c.node, now),
+            nodes,
         }
     }
 
@@ -344,9 +382,10 @@ impl MetaService {
         if !lock(&self.sessions).renew(session, now) {
             return Err(stale_session(session));
         }
-        let no_room = self.choose_node(&[]).await.err();
+        let no_room = self.choose_nodes(1, &[]).await.err();
         let sessions = self.sessions.clone();
-        let ((attr, created), changes) = self
+        let default_replicas = self.settings.replicas;
+        let ((attr, created, replicas), changes) = self
             .write_with_changes(move |ctx| {
                 if let Some(reason) = no_room {
                     // Opening an existing file needs no daemon; creating one that nothing could
@@ -362,11 +401,12 @@ impl MetaService {
                 // delete the file as closed. (A session that expired meanwhile is re-declared by
                 // the mount when it resumes.)
                 lock(&sessions).open(session, req.handle, created.0.ino, Instant::now());
-                Ok(created)
+                let replicas = namespace::replicas_of(ctx, created.0.ino, default_replicas)?;
+                Ok((created.0, created.1, replicas))
             })
             .await?;
         let first_piece = if created {
-            self.allocate_new(0, &[]).await.ok()
+            self.allocate_new(0, &[], replicas).await.ok()
         } else {
             None
         };
@@ -511,7 +551,8 @@ impl MetaService {
 
     pub async fn allocate_piece(&self, req: AllocatePiece) -> Result<Allocation> {
         let (ino, chunk) = (req.ino, req.chunk);
-        let existing = self
+        let default_replicas = self.settings.replicas;
+        let (existing, replicas) = self
             .read(move |r| {
                 let rec = namespace::inode(r, ino)?;
                 if rec.kind != FileKind::RegularFile {
@@ -520,36 +561,61 @@ impl MetaService {
                         format!("inode {ino} is not a regular file"),
                     ));
                 }
-                namespace::chunk(r, ino, chunk)
+                Ok((
+                    namespace::chunk(r, ino, chunk)?,
+                    namespace::replicas_of(r, ino, default_replicas)?,
+                ))
             })
             .await?;
         let Some(base) = existing else {
-            return self.allocate_new(chunk, &req.exclude).await;
+            return self.allocate_new(chunk, &req.exclude, replicas).await;
         };
-        // A rewrite copies the existing piece, so it stays on the daemon holding it.
-        let node = {
+        // A rewrite copies the existing piece, so its copies are made by the daemons holding
+        // it (each from its own copy). Fewer of them than the factor: the repair adds the rest.
+        let now = Instant::now();
+        let usable = |allow_draining: bool| -> Vec<NodeAddr> {
             let registry = lock(&self.registry);
-            registry.addr(base.node, Instant::now())
+            base.nodes
+                .iter()
+                .map(|&n| registry.addr(n, now))
+                .filter(|a| a.up && !req.exclude.contains(&a.id))
+                .filter(|a| allow_draining || !registry.node(a.id).is_some_and(|s| s.draining))
+                .take(replicas as usize)
+                .collect()
         };
-        if !node.up || req.exclude.contains(&base.node) {
+        let mut nodes = usable(false);
+        if nodes.is_empty() {
+            nodes = usable(true);
+        }
+        if nodes.is_empty() {
+            let holders: Vec<String> = {
+                let registry = lock(&self.registry);
+                base.nodes.iter().map(|&n| registry.addr(n, now).to_string()).collect()
+            };
             return Err(MetaError::fs(
                 ErrorKind::StorageUnavailable,
                 format!(
-                    "chunk {chunk} of inode {ino} is on storage daemon {node}, which is {}",
-                    if node.up { "unreachable from the client" } else { "down" }
+                    "chunk {chunk} of inode {ino} is on storage daemons [{}], none of them up and reachable from the client",
+                    holders.join(", ")
                 ),
             ));
         }
         let piece = self.next_piece_id().await?;
-        lock(&self.registry).note_pending(piece, base.node, 0, Instant::now());
+        {
+            let mut registry = lock(&self.registry);
+            for n in &nodes {
+                registry.note_pending(piece, n.id, 0, now);
+            }
+        }
         Ok(Allocation {
             chunk,
             piece,
-            node,
+            nodes,
             base: Some(BasePiece {
                 piece: base.piece,
                 len: base.len,
             }),
+            replicas,
         })
     }
 
@@ -591,8 +657,30 @@ impl MetaService {
                 ))
             })
             .await?;
+        let now = Instant::now();
+        let mut nodes = lock(&self.registry).report(now);
+        let ids: Vec<NodeId> = nodes.iter().map(|n| n.node.id).collect();
+        let deletes_per_node = self
+            .read(move |r| {
+                ids.into_iter()
+                    .map(|id| Ok(r.deletes.range((id, 0)..=(id, u64::MAX))?.count() as u64))
+                    .collect::<Result<Vec<u64>>>()
+            })
+            .await?;
+        let redundancy = {
+            let healer = lock(&self.healer);
+            for n in nodes.iter_mut() {
+                n.incoming_copies = healer.in_flight.keys().filter(|k| k.1 == n.node.id).count() as u64;
+            }
+            healer.report(now)
+        };
+        for (n, d) in nodes.iter_mut().zip(deletes_per_node) {
+            n.pending_deletes = d;
+        }
         Ok(ClusterReport {
-            nodes: lock(&self.registry).report(Instant::now()),
+            nodes,
+            replicas: self.settings.replicas,
+            redundancy,
             files,
             directories,
             symlinks,
@@ -610,11 +698,21 @@ impl MetaService {
         if let Err(e) = dfs_proto::certs::validate_name(&req.name) {
             return Err(MetaError::fs(ErrorKind::InvalidArgument, e.to_string()));
         }
-        let (name, addr) = (req.name.clone(), req.addr.clone());
+        let (name, addr, domain) = (req.name.clone(), req.addr.clone(), req.domain.clone());
         let node = self
-            .write(move |ctx| namespace::register_node(ctx, &name, &addr))
+            .write(move |ctx| namespace::register_node(ctx, &name, &addr, domain.as_deref()))
             .await?;
-        lock(&self.registry).registered(node, req.name.clone(), req.addr.clone(), req.usage, Instant::now());
+        {
+            let mut registry = lock(&self.registry);
+            registry.registered(node, req.name.clone(), req.addr.clone(), req.usage, Instant::now());
+            registry.set_domain(node, req.domain.clone());
+        }
+        // Orders sent before the daemon restarted are lost with it: plan them again.
+        {
+            let mut healer = lock(&self.healer);
+            healer.in_flight.retain(|k, _| k.1 != node);
+            healer.outbox.remove(&node);
+        }
         lock(&self.inventories).remove(&node);
         tracing::info!(
             "storage daemon {} registered as node {node} at {} ({} pieces, {} bytes, {} bytes free)",
@@ -643,6 +741,12 @@ impl MetaService {
             self.write(move |ctx| namespace::ack_deletes(ctx, node, &deleted))
                 .await?;
         }
+        if !req.copied.is_empty() {
+            self.copies_done(node, req.copied).await?;
+        }
+        if !req.corrupt.is_empty() {
+            self.corrupt_reported(node, req.corrupt).await?;
+        }
         let (delete, more) = self
             .read(move |r| {
                 let mut out = Vec::new();
@@ -657,7 +761,8 @@ impl MetaService {
                 Ok((out, more))
             })
             .await?;
-        Ok(HeartbeatReply { delete, more })
+        let copy = self.orders_for(node);
+        Ok(HeartbeatReply { delete, more, copy })
     }
 
     pub async fn inventory(&self, req: Inventory) -> Result<InventoryReply> {
@@ -693,8 +798,13 @@ impl MetaService {
             for (p, known, queued) in checked {
                 seen.insert(p.piece);
                 // Unreferenced and old enough that no client can still commit it.
-                if !queued && !known && !registry.is_pending(p.piece) && p.age_secs >= grace {
-                    unreferenced.push(p.piece);
+                if !queued && !known && !registry.is_pending(p.piece) {
+                    if p.age_secs >= grace {
+                        unreferenced.push(p.piece);
+                    } else {
+                        let due = Instant::now() + Duration::from_secs(grace - p.age_secs);
+                        lock(&self.young_unreferenced).insert((node, p.piece), due);
+                    }
                 }
             }
         }
@@ -783,6 +893,13 @@ impl MetaService {
                     }
                 }
             }
+        }
+        self.expire_snapshots(now);
+        let due = lock(&self.healer)
+            .scanned_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= crate::repair::SCAN_INTERVAL);
+        if due && let Err(e) = self.heal().await {
+            tracing::error!("cannot scan for pieces needing copies: {e}");
         }
         // After a restart, mounts that had sessions re-declare their open files first.
         if !lock(&self.sessions).settled(now) {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dfs_proto::meta::{Allocation, AttrChanges, CHUNK_WINDOW, ChunkLocation, TimeSet, WrittenPiece};
 use dfs_proto::types::Attr;
-use dfs_proto::types::Ino;
+use dfs_proto::types::{Ino, NodeId};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -36,16 +36,23 @@ pub const IDLE_COMMIT: Duration = Duration::from_secs(10);
 
 pub type Segment = (u64, Bytes);
 
+/// A piece made durable: its length and the daemons holding a copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub len: u64,
+    pub nodes: Vec<NodeId>,
+}
+
 pub struct OpenChunk {
     pub alloc: Allocation,
     pub tx: mpsc::Sender<Segment>,
-    pub task: JoinHandle<FsResult<u64>>,
+    pub task: JoinHandle<FsResult<Stored>>,
     pub last_use: u64,
 }
 
 pub struct ClosingChunk {
     pub alloc: Allocation,
-    pub task: JoinHandle<FsResult<u64>>,
+    pub task: JoinHandle<FsResult<Stored>>,
 }
 
 /// The uncommitted writes of one inode on this mount.
@@ -124,11 +131,11 @@ impl Writer {
         };
         let c = self.closing.pop_front().expect("front exists");
         match outcome {
-            Ok(len) => self.done.push(WrittenPiece {
+            Ok(stored) => self.done.push(WrittenPiece {
                 chunk: c.alloc.chunk,
                 piece: c.alloc.piece,
-                node: c.alloc.node.id,
-                len,
+                nodes: stored.nodes,
+                len: stored.len,
             }),
             Err(e) => {
                 self.error.get_or_insert(e);

@@ -10,14 +10,15 @@ use bytes::Bytes;
 use dfs_proto::ErrorKind;
 use dfs_proto::locks::{LockKind, LockOwner};
 use dfs_proto::meta::*;
-use dfs_proto::types::{Attr, FileKind, Ino, Timestamp};
+use dfs_proto::types::{Attr, FileKind, Ino, NodeAddr, Timestamp};
 use tokio::sync::mpsc;
 
 use crate::attrs::AttrCache;
 use crate::dir::DirHandle;
 use crate::error::{FsError, FsResult};
 use crate::inode::{
-    COMMIT_EVERY, IDLE_COMMIT, InodeState, MAX_CLOSING_CHUNKS, MAX_OPEN_CHUNKS, OpenChunk, SEGMENT_QUEUE, Writer,
+    COMMIT_EVERY, IDLE_COMMIT, InodeState, MAX_CLOSING_CHUNKS, MAX_OPEN_CHUNKS, OpenChunk, SEGMENT_QUEUE, Stored,
+    Writer,
 };
 use crate::meta_client::MetaClient;
 use crate::storage_pool::{PieceStream, StoragePool};
@@ -34,7 +35,7 @@ pub struct Timeouts {
 
 pub struct Mount {
     pub meta: Arc<MetaClient>,
-    pub storage: StoragePool,
+    pub storage: Arc<StoragePool>,
     pub chunk_size: u64,
     pub timeouts: Timeouts,
     attrs: AttrCache,
@@ -62,9 +63,12 @@ pub struct OpenedFile {
 const MAX_CACHED_VERSIONS: usize = 200_000;
 
 fn storage_down(ino: Ino, loc: &ChunkLocation) -> FsError {
+    let holders: Vec<String> = loc.nodes.iter().map(|n| n.to_string()).collect();
     FsError::io(format!(
-        "inode {ino}: chunk {} (piece {}) is on storage daemon {}, which is down",
-        loc.chunk, loc.piece, loc.node
+        "inode {ino}: chunk {} (piece {}) is on storage daemons [{}], none of them up",
+        loc.chunk,
+        loc.piece,
+        holders.join(", ")
     ))
 }
 
@@ -79,7 +83,7 @@ impl Mount {
     ) -> Self {
         Mount {
             meta,
-            storage,
+            storage: Arc::new(storage),
             chunk_size,
             timeouts,
             attrs: AttrCache::new(attr_ttl),
@@ -765,15 +769,59 @@ impl Mount {
         })
     }
 
+    /// A place for a new piece of `chunk`, avoiding daemons this mount recently failed to
+    /// reach (unless nothing else is left).
     async fn allocate(&self, ino: Ino, chunk: u64, exclude: Vec<u32>) -> FsResult<Allocation> {
-        self.meta
-            .call(AllocatePiece { ino, chunk, exclude })
-            .await
-            .map_err(|e| {
-                let e = FsError::from(e);
-                tracing::warn!("inode {ino}: no place for chunk {chunk}: {e}");
-                e
+        let mut avoid = exclude.clone();
+        for n in self.storage.suspects() {
+            if !avoid.contains(&n) {
+                avoid.push(n);
+            }
+        }
+        let first = self
+            .meta
+            .call(AllocatePiece {
+                ino,
+                chunk,
+                exclude: avoid.clone(),
             })
+            .await;
+        let result = match first {
+            Err(e) if avoid.len() > exclude.len() && e.remote_kind() == Some(ErrorKind::NoSpace) => {
+                self.meta.call(AllocatePiece { ino, chunk, exclude }).await
+            }
+            other => other,
+        };
+        result.map_err(|e| {
+            let e = FsError::from(e);
+            tracing::warn!("inode {ino}: no place for chunk {chunk}: {e}");
+            e
+        })
+    }
+
+    /// Opens a stream to every daemon of the allocation that answers; None if none does.
+    async fn start_copies(&self, alloc: &Allocation) -> (Vec<(NodeAddr, PieceStream)>, Vec<dfs_proto::RpcError>) {
+        let starts = alloc.nodes.iter().map(|node| async move {
+            let r = self
+                .storage
+                .start_piece(node, alloc.piece, alloc.base, self.timeouts.connect)
+                .await;
+            (node.clone(), r)
+        });
+        let mut streams = Vec::new();
+        let mut errors = Vec::new();
+        for (node, r) in futures_util::future::join_all(starts).await {
+            match r {
+                Ok(s) => streams.push((node, s)),
+                Err(e) => {
+                    if e.is_unavailable() {
+                        self.storage.suspect(node.id);
+                    }
+                    errors.push(e);
+                }
+            }
+        }
+        (streams, errors)
     }
 
     async fn open_chunk(&self, state: &InodeState, w: &mut Writer, chunk: u64) -> FsResult<()> {
@@ -799,27 +847,44 @@ impl Mount {
             }
         };
         let mut exclude = Vec::new();
-        let stream = loop {
-            match self
-                .storage
-                .start_piece(&alloc.node, alloc.piece, alloc.base, self.timeouts.connect)
-                .await
-            {
-                Ok(s) => break s,
-                Err(e) if e.is_unavailable() && alloc.base.is_none() && exclude.len() < 3 => {
-                    tracing::warn!("inode {ino}: {e}; placing chunk {chunk} elsewhere");
-                    exclude.push(alloc.node.id);
-                    alloc = self.allocate(ino, chunk, exclude.clone()).await?;
-                }
-                Err(e) => {
-                    let e = FsError::from(e);
-                    tracing::warn!("inode {ino}: cannot write chunk {chunk}: {e}");
-                    return Err(e);
-                }
+        let streams = loop {
+            let (streams, errors) = self.start_copies(&alloc).await;
+            for e in &errors {
+                tracing::warn!("inode {ino}: chunk {chunk}: {e}");
             }
+            if !streams.is_empty() {
+                if streams.len() < alloc.replicas as usize {
+                    tracing::warn!(
+                        "inode {ino}: chunk {chunk} (piece {}) is written with {} of {} copies; the metaserver will add the rest",
+                        alloc.piece,
+                        streams.len(),
+                        alloc.replicas
+                    );
+                }
+                break streams;
+            }
+            let unavailable = errors.iter().all(|e| e.is_unavailable());
+            if unavailable && alloc.base.is_none() && exclude.len() < 6 {
+                exclude.extend(alloc.nodes.iter().map(|n| n.id));
+                tracing::warn!("inode {ino}: placing chunk {chunk} elsewhere");
+                alloc = self.allocate(ino, chunk, exclude.clone()).await?;
+                continue;
+            }
+            let e = match errors.into_iter().next() {
+                Some(e) => FsError::from(e),
+                None => FsError::io(format!("inode {ino}: no storage daemon offered for chunk {chunk}")),
+            };
+            tracing::warn!("inode {ino}: cannot write chunk {chunk}: {e}");
+            return Err(e);
         };
         let (tx, rx) = mpsc::channel(SEGMENT_QUEUE);
-        let task = tokio::spawn(stream_segments(stream, rx, self.timeouts.data));
+        let task = tokio::spawn(stream_copies(
+            streams,
+            rx,
+            self.timeouts.data,
+            alloc.piece,
+            self.storage.clone(),
+        ));
         w.open.insert(
             chunk,
             OpenChunk {
@@ -867,6 +932,48 @@ impl Mount {
         Ok((cache.size, locations))
     }
 
+    /// Reads from one copy of a piece: those on daemons believed up first, and among them those
+    /// this mount has not recently failed to reach. A copy that fails (unreachable, too slow,
+    /// damaged) is skipped for the next one. Returns the bytes read and the daemon that served.
+    async fn read_copy(
+        &self,
+        ino: Ino,
+        loc: &ChunkLocation,
+        offset: u64,
+        want: usize,
+        out: &mut Vec<u8>,
+    ) -> FsResult<(usize, NodeAddr)> {
+        let suspects = self.storage.suspects();
+        // Daemons the metaserver knows are down are not tried: the read fails at once.
+        let mut order: Vec<&NodeAddr> = loc.nodes.iter().filter(|n| n.up).collect();
+        order.sort_by_key(|n| suspects.contains(&n.id));
+        let mark = out.len();
+        let mut last_error = None;
+        for node in order {
+            match self
+                .storage
+                .read_into(node, loc.piece, offset, want, out, self.timeouts.request)
+                .await
+            {
+                Ok(n) => return Ok((n, node.clone())),
+                Err(e) => {
+                    out.truncate(mark);
+                    self.storage.suspect(node.id);
+                    tracing::warn!(
+                        "inode {ino}: chunk {} from {node}: {}; trying another copy",
+                        loc.chunk,
+                        e.message
+                    );
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(match last_error {
+            Some(e) if loc.nodes.iter().any(|n| n.up) => FsError::new(e.errno, format!("inode {ino}: {}", e.message)),
+            _ => storage_down(ino, loc),
+        })
+    }
+
     pub async fn read(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let state = self.state_or_new(ino);
         if state.is_dirty() {
@@ -900,36 +1007,33 @@ impl Mount {
                 None => a,
             };
             if let Some(loc) = loc.as_ref().filter(|_| a < valid_end) {
-                if !loc.node.up {
-                    state.cache.lock().await.invalidate();
-                    return Err(storage_down(ino, loc));
-                }
                 let want = (valid_end - a) as usize;
-                let got = self
-                    .storage
-                    .read_into(
-                        &loc.node,
+                let mut result = self.read_copy(ino, loc, a - chunk_start, want, &mut out).await;
+                if result.is_err() {
+                    // Ask the metaserver where the data lives now: the copies this mount knew
+                    // may have moved (rebalancing, drain, repair) since it asked.
+                    state.cache.lock().await.invalidate();
+                    let fresh = self.locate(&state, chunk, chunk, want_end).await;
+                    if let Ok((_, fresh)) = fresh
+                        && let Some(Some(now)) = fresh.into_iter().next()
+                        && (now.piece != loc.piece || now.nodes != loc.nodes)
+                        && now.len >= loc.len
+                    {
+                        tracing::info!("inode {ino}: chunk {chunk} moved; reading its new location");
+                        result = self.read_copy(ino, &now, a - chunk_start, want, &mut out).await;
+                    }
+                }
+                match result {
+                    Ok((got, node)) if got < want => tracing::warn!(
+                        "inode {ino}: piece {} on {node} is shorter than recorded ({got} of {want} bytes); the rest reads as zeros",
                         loc.piece,
-                        a - chunk_start,
-                        want,
-                        &mut out,
-                        self.timeouts.request,
-                    )
-                    .await;
-                let got = match got {
-                    Ok(n) => n,
+                    ),
+                    Ok(_) => {}
                     Err(e) => {
                         // Next time, ask the metaserver where (and whether) the data lives.
                         state.cache.lock().await.invalidate();
-                        return Err(FsError::new(e.errno, format!("inode {ino}: {}", e.message)));
+                        return Err(e);
                     }
-                };
-                if got < want {
-                    tracing::warn!(
-                        "inode {ino}: piece {} on {} is shorter than recorded ({got} of {want} bytes); the rest reads as zeros",
-                        loc.piece,
-                        loc.node
-                    );
                 }
             }
             out.resize((b - offset) as usize, 0);
@@ -1010,6 +1114,74 @@ async fn stream_segments(
         stream.send_segment(offset, data, timeout).await?;
     }
     stream.finish(timeout).await
+}
+
+/// Feeds every copy of a piece the same segments (shared buffers, no copies) and waits for
+/// each to be durable. A copy that fails is left behind; the piece is stored if at least one
+/// copy is durable, and the metaserver re-makes the missing ones.
+async fn stream_copies(
+    streams: Vec<(NodeAddr, PieceStream)>,
+    mut rx: mpsc::Receiver<(u64, Bytes)>,
+    timeout: Duration,
+    piece: dfs_proto::types::PieceId,
+    storage: Arc<StoragePool>,
+) -> FsResult<Stored> {
+    let mut copies = Vec::new();
+    for (node, stream) in streams {
+        let (tx, copy_rx) = mpsc::channel(SEGMENT_QUEUE);
+        copies.push((node, Some(tx), tokio::spawn(stream_segments(stream, copy_rx, timeout))));
+    }
+    while let Some(segment) = rx.recv().await {
+        for (node, tx, _) in copies.iter_mut() {
+            if let Some(sender) = tx
+                && sender.send(segment.clone()).await.is_err()
+            {
+                // That copy's stream failed; its error is collected below.
+                tracing::debug!("piece {piece}: copy on {node} stopped taking data");
+                *tx = None;
+            }
+        }
+    }
+    let mut stored = Stored {
+        len: 0,
+        nodes: Vec::new(),
+    };
+    let mut first_error = None;
+    let total = copies.len();
+    for (node, tx, task) in copies {
+        drop(tx);
+        let outcome = task
+            .await
+            .unwrap_or_else(|e| Err(FsError::io(format!("piece {piece}: writer task failed: {e}"))));
+        match outcome {
+            Ok(len) if stored.nodes.is_empty() || len == stored.len => {
+                stored.len = len;
+                stored.nodes.push(node.id);
+            }
+            Ok(len) => {
+                tracing::error!(
+                    "piece {piece}: copy on {node} is {len} bytes, others {}: leaving it out",
+                    stored.len
+                );
+            }
+            Err(e) => {
+                storage.suspect(node.id);
+                tracing::warn!("piece {piece}: copy on {node} failed: {}", e.message);
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) if stored.nodes.is_empty() => Err(e),
+        Some(_) => {
+            tracing::warn!(
+                "piece {piece}: stored with {} of {total} copies; the metaserver will restore the rest",
+                stored.nodes.len()
+            );
+            Ok(stored)
+        }
+        None => Ok(stored),
+    }
 }
 
 /// The answer to a request addressed by inode number. An inode that no longer exists means

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dfs_proto::frame;
@@ -15,10 +15,14 @@ use quinn::{Endpoint, RecvStream, SendStream};
 
 use crate::error::{FsError, FsResult};
 
+/// A daemon this mount failed to reach is tried last (and avoided for new data) this long.
+const SUSPECT_FOR: Duration = Duration::from_secs(30);
+
 pub struct StoragePool {
     endpoint: Endpoint,
     connect_timeout: Duration,
     peers: Mutex<HashMap<NodeId, Arc<Peer>>>,
+    suspects: Mutex<HashMap<NodeId, Instant>>,
 }
 
 impl StoragePool {
@@ -27,7 +31,24 @@ impl StoragePool {
             endpoint,
             connect_timeout,
             peers: Mutex::new(HashMap::new()),
+            suspects: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Notes that `node` just failed a request.
+    pub fn suspect(&self, node: NodeId) {
+        self.suspects
+            .lock()
+            .expect("suspects")
+            .insert(node, Instant::now() + SUSPECT_FOR);
+    }
+
+    /// Daemons that failed a request recently.
+    pub fn suspects(&self) -> Vec<NodeId> {
+        let now = Instant::now();
+        let mut s = self.suspects.lock().expect("suspects");
+        s.retain(|_, until| *until > now);
+        s.keys().copied().collect()
     }
 
     pub fn peer(&self, node: &NodeAddr) -> Arc<Peer> {

@@ -7,7 +7,9 @@ use clap::Parser;
 use dfs_common::config::{Config, DEFAULT_PATH};
 use dfs_proto::Peer;
 use dfs_proto::tls::TlsIdentity;
+use dfs_storaged::copier::Copier;
 use dfs_storaged::membership::Membership;
+use dfs_storaged::scrub::Scrubber;
 use dfs_storaged::store::PieceStore;
 
 /// dfs storage daemon: stores pieces of file data and serves them to mounts.
@@ -94,12 +96,21 @@ fn main() -> anyhow::Result<()> {
             name: me.name.clone(),
             advertise: me.advertised().to_owned(),
             heartbeat: Duration::from_millis(me.heartbeat_ms),
+            domain: me.domain.clone(),
+            copier: Copier::new(store.clone(), endpoint.clone()),
         };
         let membership = tokio::spawn(membership.run());
+        let scrubber = Scrubber {
+            store: store.clone(),
+            bytes_per_sec: me.scrub_bytes_per_sec,
+            interval: Duration::from_secs(me.scrub_interval_secs),
+        };
+        let scrub = tokio::spawn(scrubber.run());
         tokio::spawn(dfs_storaged::server::serve(endpoint.clone(), store));
         dfs_common::process::shutdown_signal().await;
         tracing::info!("storage daemon {} shutting down", me.name);
         membership.abort();
+        scrub.abort();
         endpoint.close(0u32.into(), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         anyhow::Ok(())

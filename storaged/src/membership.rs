@@ -1,14 +1,22 @@
 //! The daemon's side of cluster membership: register with the metaserver, report what is
 //! stored, heartbeat with usage, and carry out the deletions the metaserver asks for.
+//!
+//! Heartbeats also carry what the daemon has to report: pieces found corrupt (by reads and
+//! scrubs, [`PieceStore::take_corrupt`]) and finished copy orders ([`Copier::take_done`]). They
+//! stay pending here until a heartbeat carrying them is answered, across re-registrations.
+//! Copy orders in heartbeat replies go to the [`Copier`].
+
+use std::collections::BTreeSet;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use dfs_proto::meta::{Heartbeat, Inventory, RegisterNode};
+use dfs_proto::meta::{CopyDone, Heartbeat, Inventory, RegisterNode};
 use dfs_proto::types::{NodeId, PieceId};
 use dfs_proto::{ErrorKind, Peer, RpcError};
 use tokio::task::spawn_blocking;
 
+use crate::copier::Copier;
 use crate::store::PieceStore;
 
 const INVENTORY_BATCH: usize = 8192;
@@ -16,6 +24,9 @@ const INVENTORY_BATCH: usize = 8192;
 /// left by writes that never committed are collected without waiting for a restart.
 const INVENTORY_INTERVAL: Duration = Duration::from_secs(3600);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many corrupt pieces, and as many copy outcomes, go in one heartbeat (keeps it
+/// well within a frame); the rest go in the next ones.
+const REPORT_BATCH: usize = 8192;
 
 pub struct Membership {
     pub store: Arc<PieceStore>,
@@ -23,14 +34,55 @@ pub struct Membership {
     pub name: String,
     pub advertise: String,
     pub heartbeat: Duration,
+    /// Failure domain label sent when registering.
+    pub domain: Option<String>,
+    pub copier: Copier,
+}
+
+/// Reports waiting for a heartbeat that gets through.
+#[derive(Default)]
+struct Pending {
+    corrupt: BTreeSet<PieceId>,
+    copied: Vec<CopyDone>,
+}
+
+impl Pending {
+    fn gather(&mut self, store: &PieceStore, copier: &Copier) {
+        self.corrupt.extend(store.take_corrupt());
+        for done in copier.take_done() {
+            self.copied.retain(|d| d.piece != done.piece);
+            self.copied.push(done);
+        }
+    }
+
+    /// What the next heartbeat carries.
+    fn batch(&self) -> (Vec<PieceId>, Vec<CopyDone>) {
+        (
+            self.corrupt.iter().copied().take(REPORT_BATCH).collect(),
+            self.copied.iter().take(REPORT_BATCH).cloned().collect(),
+        )
+    }
+
+    /// Forgets what a heartbeat delivered.
+    fn delivered(&mut self, corrupt: &[PieceId], copied: usize) {
+        for p in corrupt {
+            self.corrupt.remove(p);
+        }
+        self.copied.drain(..copied);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.corrupt.is_empty() && self.copied.is_empty()
+    }
 }
 
 impl Membership {
     /// Runs for the life of the daemon, re-registering whenever the metaserver forgets it.
     pub async fn run(self) {
         let mut backoff = Duration::from_millis(200);
+        let mut pending = Pending::default();
         loop {
-            match self.registered_session().await {
+            match self.registered_session(&mut pending).await {
                 Ok(never) => match never {},
                 Err(e) => tracing::warn!("metaserver {}: {e}; registering again in {backoff:?}", self.meta),
             }
@@ -39,7 +91,7 @@ impl Membership {
         }
     }
 
-    async fn registered_session(&self) -> Result<std::convert::Infallible, RpcError> {
+    async fn registered_session(&self, pending: &mut Pending) -> Result<std::convert::Infallible, RpcError> {
         let registered = self
             .meta
             .call(
@@ -47,6 +99,7 @@ impl Membership {
                     name: self.name.clone(),
                     addr: self.advertise.clone(),
                     usage: self.store.usage(),
+                    domain: self.domain.clone(),
                 },
                 REQUEST_TIMEOUT,
             )
@@ -65,10 +118,15 @@ impl Membership {
                 self.send_inventory(node).await?;
                 last_inventory = tokio::time::Instant::now();
             }
+            pending.gather(&self.store, &self.copier);
+            let (corrupt, copied) = pending.batch();
+            let copied_count = copied.len();
             let beat = Heartbeat {
                 node,
                 usage: self.store.usage(),
                 deleted: deleted.clone(),
+                copied,
+                corrupt: corrupt.clone(),
             };
             let reply = match self.meta.call(beat, REQUEST_TIMEOUT).await {
                 Ok(r) => r,
@@ -82,10 +140,19 @@ impl Membership {
                 Err(e) => return Err(e),
             };
             deleted.clear();
+            pending.delivered(&corrupt, copied_count);
+            if !corrupt.is_empty() {
+                tracing::info!("reported {} corrupt pieces to metaserver {}", corrupt.len(), self.meta);
+            }
             if !reply.delete.is_empty() {
                 deleted = self.delete(reply.delete).await;
             }
-            if !reply.more {
+            if !reply.copy.is_empty() {
+                tracing::info!("metaserver {} orders {} piece copies", self.meta, reply.copy.len());
+                self.copier.submit(reply.copy);
+            }
+            // Reports left over (beyond one heartbeat's worth) go right away too.
+            if !reply.more && pending.is_empty() {
                 tokio::time::sleep(self.heartbeat).await;
             }
         }
@@ -145,5 +212,34 @@ impl Membership {
         }
         tracing::info!("reported {total} stored pieces to metaserver {}", self.meta);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_reports_leave_only_once_delivered() {
+        let mut p = Pending::default();
+        p.corrupt.extend((0..REPORT_BATCH as u64 + 5).rev());
+        p.copied.push(CopyDone {
+            piece: 1,
+            outcome: Ok(3),
+        });
+        let (corrupt, copied) = p.batch();
+        assert_eq!(corrupt.len(), REPORT_BATCH);
+        assert_eq!(copied.len(), 1);
+        // Not delivered (the heartbeat failed): the same again.
+        assert_eq!(p.batch(), (corrupt.clone(), copied.clone()));
+        // Found again meanwhile: still reported once.
+        p.corrupt.insert(0);
+        p.delivered(&corrupt, copied.len());
+        assert!(!p.is_empty());
+        let (rest, copied) = p.batch();
+        assert_eq!(rest, (REPORT_BATCH as u64..REPORT_BATCH as u64 + 5).collect::<Vec<_>>());
+        assert!(copied.is_empty());
+        p.delivered(&rest, 0);
+        assert!(p.is_empty());
     }
 }

@@ -12,7 +12,7 @@ use dfs_proto::{ErrorKind, RemoteError};
 use quinn::{Endpoint, RecvStream, SendStream, VarInt};
 use tokio::task::{JoinHandle, spawn_blocking};
 
-use crate::store::{PieceStore, PieceWriter, StoreError};
+use crate::store::{PieceReader, PieceStore, PieceWriter, StoreError};
 
 /// A client that stops sending mid-piece for this long is abandoned (its partial piece
 /// discarded). Mounts end streams after 10 s without writes, far sooner.
@@ -173,18 +173,9 @@ async fn send_range(store: Arc<PieceStore>, req: ReadPiece, send: &mut SendStrea
         return;
     }
     let s = store.clone();
-    let opened = spawn_blocking(move || {
-        let file = s.open_piece(piece)?;
-        let len = file.metadata().map_err(|source| StoreError::Io {
-            op: "stat",
-            path: s.layout().piece_path(piece),
-            source,
-        })?;
-        Ok::<_, StoreError>((file, len.len()))
-    })
-    .await;
-    let (file, file_len) = match opened {
-        Ok(Ok(v)) => v,
+    let opened = spawn_blocking(move || s.open_reader(piece)).await;
+    let reader = match opened {
+        Ok(Ok(r)) => Arc::new(r),
         Ok(Err(e)) => {
             if !matches!(e, StoreError::NotFound { .. }) {
                 tracing::warn!("read of piece {piece} for {remote} failed: {e}");
@@ -197,42 +188,57 @@ async fn send_range(store: Arc<PieceStore>, req: ReadPiece, send: &mut SendStrea
             return;
         }
     };
-    let available = file_len.saturating_sub(req.offset).min(req.len as u64);
+    let available = reader.len().saturating_sub(req.offset).min(req.len as u64);
+    // The first block is read and verified before answering, so a damaged range is answered
+    // with a Corrupt error in the common case (reads of up to READ_BLOCK bytes); damage found
+    // further on cuts the stream short.
+    let mut offset = req.offset;
+    let end = req.offset + available;
+    let first = match read_verified(reader.clone(), offset, end).await {
+        Ok(buf) => buf,
+        Err(e) => {
+            tracing::warn!("read of piece {piece} for {remote} failed: {}", e.message);
+            let _ = reply::<ReadPiece>(send, Err(e)).await;
+            return;
+        }
+    };
     if reply::<ReadPiece>(send, Ok(ReadReply { len: available as u32 }))
         .await
         .is_err()
     {
         return;
     }
-    let file = Arc::new(file);
-    let mut offset = req.offset;
-    let end = req.offset + available;
+    let mut next = Some(Ok(first));
     while offset < end {
-        let n = ((end - offset) as usize).min(READ_BLOCK);
-        let f = file.clone();
-        let block = spawn_blocking(move || {
-            use std::os::unix::fs::FileExt;
-            let mut buf = vec![0u8; n];
-            f.read_exact_at(&mut buf, offset).map(|_| buf)
-        })
-        .await;
+        let block = match next.take() {
+            Some(b) => b,
+            None => read_verified(reader.clone(), offset, end).await,
+        };
         match block {
-            Ok(Ok(buf)) => {
+            Ok(buf) => {
+                offset += buf.len() as u64;
                 // Handing quinn the buffer itself spares a copy of every byte served.
                 if send.write_chunk(bytes::Bytes::from(buf)).await.is_err() {
                     return;
                 }
             }
-            Ok(Err(e)) => {
-                tracing::error!("read of piece {piece} at {offset} for {remote} failed: {e}");
-                let _ = send.reset(READ_FAILED);
-                return;
-            }
-            Err(_) => {
+            Err(e) => {
+                tracing::error!("read of piece {piece} at {offset} for {remote} failed: {}", e.message);
                 let _ = send.reset(READ_FAILED);
                 return;
             }
         }
-        offset += n as u64;
     }
+}
+
+/// Reads (and verifies) the next at most READ_BLOCK bytes of `[offset, end)`.
+async fn read_verified(reader: Arc<PieceReader>, offset: u64, end: u64) -> Result<Vec<u8>, RemoteError> {
+    let n = ((end - offset) as usize).min(READ_BLOCK);
+    spawn_blocking(move || {
+        let mut buf = vec![0u8; n];
+        reader.read_exact(offset, &mut buf).map(|()| buf)
+    })
+    .await
+    .map_err(join_error)?
+    .map_err(store_error)
 }

@@ -179,7 +179,8 @@ impl Cluster {
             .prefix("dfs-test.")
             .tempdir()
             .expect("temp dir");
-        let mut config = dfs_admin::local::prepare(dir.path(), opts.storage_daemons, opts.host).expect("cluster dir");
+        let mut config =
+            dfs_admin::local::prepare(dir.path(), opts.storage_daemons, opts.host, None).expect("cluster dir");
         (opts.tweak)(&mut config);
         config.save(&config.path).expect("save config");
         std::fs::create_dir_all(dir.path().join("logs")).expect("logs dir");
@@ -259,6 +260,40 @@ impl Cluster {
             .remove(name)
             .unwrap_or_else(|| panic!("{name} not running"))
             .kill9();
+    }
+
+    /// Adds a storage daemon to the cluster's config and starts it; returns its name.
+    pub fn add_daemon(&mut self) -> String {
+        let n = self.config.storaged.len() + 1;
+        let host = self.config.storaged[0]
+            .listen
+            .rsplit_once(':')
+            .map(|(h, _)| h.to_owned());
+        let host = host.unwrap_or_else(|| "127.0.0.1".into());
+        self.config = dfs_admin::local::prepare(self.dir.path(), n, &host, None).expect("add daemon");
+        let name = self.config.storaged.last().expect("daemon").name.clone();
+        self.start_daemon(&name);
+        name
+    }
+
+    /// Sends a signal (SIGSTOP, SIGCONT...) to a storage daemon.
+    pub fn signal_daemon(&mut self, name: &str, sig: i32) {
+        self.daemons
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("{name} not running"))
+            .signal(sig);
+    }
+
+    /// Where `piece` is stored on daemon `name` (whether or not it is there).
+    pub fn piece_path(&self, name: &str, piece: u64) -> PathBuf {
+        let s = self.config.storaged(Some(name)).expect("daemon in config");
+        dfs_storaged::layout::Layout::new(self.data_dir(name), s.fanout).piece_path(piece)
+    }
+
+    /// Piece files stored by daemon `name`.
+    pub fn stored_pieces(&self, name: &str) -> usize {
+        let dir = self.data_dir(name).join("pieces");
+        if dir.exists() { count_files(&dir) } else { 0 }
     }
 
     pub fn daemon_names(&self) -> Vec<String> {
@@ -453,7 +488,11 @@ pub struct Located {
 impl Located {
     /// Names of the daemons holding this file's chunks.
     pub fn holders(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.chunks.iter().map(|c| c.node.name.clone()).collect();
+        let mut names: Vec<String> = self
+            .chunks
+            .iter()
+            .flat_map(|c| c.nodes.iter().map(|n| n.name.clone()))
+            .collect();
         names.sort();
         names.dedup();
         names

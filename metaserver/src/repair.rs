@@ -1,0 +1,312 @@
+//! The metaserver's side of healing: scanning the chunk map with the `healer::Planner`,
+//! handing copy orders to daemons in their heartbeat replies, recording finished copies,
+//! dropping damaged copies, draining daemons, and collecting unreferenced pieces.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use dfs_proto::ErrorKind;
+use dfs_proto::meta::{CopyDone, CopyOrder, Drain, NodeReport, NodeState as Liveness};
+use dfs_proto::types::{NodeId, PieceId};
+use redb::ReadableTable;
+
+use crate::error::{MetaError, Result};
+use crate::healer::{ChunkView, CopyKind, NodeView, Planner, Trim};
+use crate::namespace;
+use crate::schema::ChunkRecord;
+use crate::service::{MetaService, lock};
+
+/// How often the chunk map is scanned for pieces needing copies.
+pub const SCAN_INTERVAL: Duration = Duration::from_secs(2);
+/// A copy not reported done within this long is planned again.
+const COPY_TIMEOUT: Duration = Duration::from_secs(300);
+/// Most orders handed to one daemon per heartbeat.
+const ORDERS_PER_HEARTBEAT: usize = 64;
+
+impl MetaService {
+    /// Copy orders waiting for `node`.
+    pub(crate) fn orders_for(&self, node: NodeId) -> Vec<CopyOrder> {
+        let mut healer = lock(&self.healer);
+        let Some(queue) = healer.outbox.get_mut(&node) else {
+            return Vec::new();
+        };
+        let take = queue.len().min(ORDERS_PER_HEARTBEAT);
+        let orders: Vec<_> = queue.drain(..take).collect();
+        drop(healer);
+        let now = Instant::now();
+        let registry = lock(&self.registry);
+        orders
+            .into_iter()
+            .map(|c| CopyOrder {
+                piece: c.piece,
+                len: c.len,
+                sources: c.sources.iter().map(|&s| registry.addr(s, now)).collect(),
+            })
+            .collect()
+    }
+
+    /// Records copies a daemon finished.
+    pub(crate) async fn copies_done(&self, node: NodeId, done: Vec<CopyDone>) -> Result<()> {
+        let mut recorded = Vec::new();
+        let mut unknown = Vec::new();
+        {
+            let mut healer = lock(&self.healer);
+            for d in done {
+                let Some(flight) = healer.in_flight.remove(&(d.piece, node)) else {
+                    if d.outcome.is_ok() {
+                        unknown.push(d.piece);
+                    }
+                    continue;
+                };
+                match d.outcome {
+                    Ok(_) => recorded.push(flight.copy),
+                    Err(why) => tracing::warn!(
+                        "copy of piece {} (inode {} chunk {}) onto node {node} failed: {why}",
+                        d.piece,
+                        flight.copy.ino,
+                        flight.copy.chunk
+                    ),
+                }
+            }
+        }
+        if recorded.is_empty() && unknown.is_empty() {
+            return Ok(());
+        }
+        let copies = recorded.clone();
+        let results = self
+            .write(move |ctx| {
+                // A copy nobody ordered (from before a restart) is not referenced: delete it.
+                for piece in unknown {
+                    if ctx.node_pieces.get((node, piece))?.is_none() {
+                        ctx.deletes.insert((node, piece), ())?;
+                    }
+                }
+                let mut results = Vec::new();
+                for c in copies {
+                    let from = match c.kind {
+                        CopyKind::Move { from } => Some(from),
+                        CopyKind::Repair => None,
+                    };
+                    results.push(namespace::add_replica(ctx, c.ino, c.chunk, c.piece, c.target, from)?);
+                }
+                Ok(results)
+            })
+            .await?;
+        let mut healer = lock(&self.healer);
+        for (c, kept) in recorded.iter().zip(results) {
+            if !kept {
+                continue;
+            }
+            match c.kind {
+                CopyKind::Repair => healer.repairs_done += 1,
+                CopyKind::Move { .. } => healer.moves_done += 1,
+            }
+        }
+        Ok(())
+    }
+
+    /// A daemon found copies that fail their checksums: drop them (the repair re-makes them
+    /// from a good copy), unless one is the last copy of its piece.
+    pub(crate) async fn corrupt_reported(&self, node: NodeId, pieces: Vec<PieceId>) -> Result<()> {
+        let outcomes = self
+            .write(move |ctx| {
+                let mut out = Vec::new();
+                for piece in pieces {
+                    let Some(v) = ctx.node_pieces.get((node, piece))?.map(|v| v.value()) else {
+                        // Not referenced here anyway: just make sure it goes.
+                        ctx.deletes.insert((node, piece), ())?;
+                        continue;
+                    };
+                    let (ino, chunk, _) = v;
+                    let dropped = namespace::remove_replica(ctx, ino, chunk, piece, node)?;
+                    out.push((piece, ino, chunk, dropped));
+                }
+                Ok(out)
+            })
+            .await?;
+        let name = lock(&self.registry).addr(node, Instant::now()).to_string();
+        let mut healer = lock(&self.healer);
+        for (piece, ino, chunk, dropped) in outcomes {
+            if dropped {
+                tracing::warn!(
+                    "storage daemon {name}: copy of piece {piece} (inode {ino} chunk {chunk}) is damaged; \
+                     dropped it, a good copy will replace it"
+                );
+            } else {
+                healer.corrupt_only.insert(piece);
+                tracing::error!(
+                    "storage daemon {name}: the only copy of piece {piece} (inode {ino} chunk {chunk}) is damaged: \
+                     that part of the file is lost"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Scans the chunk map, plans repairs, moves and trims, and carries out the trims.
+    pub(crate) async fn heal(&self) -> Result<()> {
+        let now = Instant::now();
+        let (views, up): (Vec<NodeView>, HashSet<NodeId>) = {
+            let registry = lock(&self.registry);
+            let loads: std::collections::HashMap<NodeId, (u64, u64)> =
+                registry.loads(now).into_iter().map(|(id, b, c)| (id, (b, c))).collect();
+            let mut up = HashSet::new();
+            let views = registry
+                .ids()
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|id| {
+                    let n = registry.node(id).expect("listed");
+                    let liveness = registry.liveness(id, now);
+                    if liveness == Liveness::Up {
+                        up.insert(id);
+                    }
+                    NodeView {
+                        id,
+                        liveness,
+                        draining: n.draining,
+                        domain: registry.domain(id),
+                        takes_data: loads.contains_key(&id),
+                        bytes: n.referenced_bytes + n.pending_bytes,
+                        capacity: loads.get(&id).map_or(0, |l| l.1),
+                    }
+                })
+                .collect();
+            (views, up)
+        };
+        let busy = {
+            let mut healer = lock(&self.healer);
+            for f in healer.expire(now, COPY_TIMEOUT, |n| up.contains(&n)) {
+                tracing::warn!(
+                    "copy of piece {} onto node {} not reported done: planning it again",
+                    f.copy.piece,
+                    f.copy.target
+                );
+            }
+            healer.busy()
+        };
+        let corrupt_only = lock(&self.healer).corrupt_only.clone();
+        let settings = self.settings.clone();
+        let plan = self
+            .read(move |r| {
+                let mut planner = Planner::new(
+                    views,
+                    &busy,
+                    settings.copies_per_node,
+                    settings.balance_threshold_percent,
+                    &corrupt_only,
+                );
+                let mut factor = (0, settings.replicas);
+                for item in r.chunks.iter()? {
+                    let (key, value) = item?;
+                    let (ino, chunk) = key.value();
+                    let c = ChunkRecord::decode(ino, chunk, value.value())?;
+                    if factor.0 != ino {
+                        factor = (ino, namespace::replicas_of(r, ino, settings.replicas)?);
+                    }
+                    planner.chunk(ChunkView {
+                        ino,
+                        chunk,
+                        piece: c.piece,
+                        len: c.len,
+                        nodes: c.nodes,
+                        replicas: factor.1,
+                    });
+                }
+                Ok(planner.finish())
+            })
+            .await?;
+        {
+            let mut healer = lock(&self.healer);
+            healer.last = plan.stats.clone();
+            healer.scanned_at = Some(now);
+            if !plan.copies.is_empty() {
+                let repairs = plan.copies.iter().filter(|c| c.kind == CopyKind::Repair).count();
+                tracing::info!(
+                    "ordering {repairs} repair copies and {} moves",
+                    plan.copies.len() - repairs
+                );
+            }
+            healer.dispatch(plan.copies, now);
+        }
+        if !plan.trims.is_empty() {
+            self.trim(plan.trims).await?;
+        }
+        self.collect_young_unreferenced(now).await
+    }
+
+    async fn trim(&self, trims: Vec<Trim>) -> Result<()> {
+        let n = trims.len();
+        let dropped = self
+            .write(move |ctx| {
+                let mut dropped = 0;
+                for t in trims {
+                    if namespace::remove_replica(ctx, t.ino, t.chunk, t.piece, t.node)? {
+                        dropped += 1;
+                    }
+                }
+                Ok(dropped)
+            })
+            .await?;
+        tracing::info!("dropped {dropped} of {n} surplus copies (dead, drained or over the replication factor)");
+        Ok(())
+    }
+
+    /// Queues for deletion the unreferenced pieces whose grace period has now passed.
+    async fn collect_young_unreferenced(&self, now: Instant) -> Result<()> {
+        let due: Vec<(NodeId, PieceId)> = {
+            let mut young = lock(&self.young_unreferenced);
+            let due: Vec<_> = young.iter().filter(|(_, t)| **t <= now).map(|(k, _)| *k).collect();
+            for k in &due {
+                young.remove(k);
+            }
+            due
+        };
+        let due: Vec<_> = {
+            let registry = lock(&self.registry);
+            due.into_iter().filter(|(_, p)| !registry.is_pending(*p)).collect()
+        };
+        if due.is_empty() {
+            return Ok(());
+        }
+        let queued = self
+            .write(move |ctx| {
+                let mut queued = 0;
+                for (node, piece) in due {
+                    if ctx.node_pieces.get((node, piece))?.is_none() {
+                        ctx.deletes.insert((node, piece), ())?;
+                        queued += 1;
+                    }
+                }
+                Ok(queued)
+            })
+            .await?;
+        if queued > 0 {
+            tracing::info!("queued {queued} pieces that no file references for deletion");
+        }
+        Ok(())
+    }
+
+    pub async fn drain(&self, req: Drain) -> Result<NodeReport> {
+        let name = req.node.clone();
+        let draining = !req.cancel;
+        let (id, _) = self
+            .write(move |ctx| namespace::set_draining(ctx, &name, draining))
+            .await?;
+        lock(&self.registry).set_draining(id, draining);
+        if draining {
+            tracing::info!(
+                "draining storage daemon {} (node {id}): its data moves to the others",
+                req.node
+            );
+        } else {
+            tracing::info!("no longer draining storage daemon {} (node {id})", req.node);
+        }
+        let report = self.cluster_status(dfs_proto::meta::ClusterStatus {}).await?;
+        report
+            .nodes
+            .into_iter()
+            .find(|n| n.node.id == id)
+            .ok_or_else(|| MetaError::fs(ErrorKind::NotFound, format!("storage daemon {}", req.node)))
+    }
+}
