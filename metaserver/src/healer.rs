@@ -406,6 +406,8 @@ pub struct HealerState {
     pub corrupt_only: HashSet<PieceId>,
     pub last: Redundancy,
     pub scanned_at: Option<Instant>,
+    /// How long the last scan took: scans are spaced to take at most a tenth of the time.
+    pub scan_took: Duration,
     pub repairs_done: u64,
     pub moves_done: u64,
 }

@@ -22,6 +22,7 @@ pub struct NodeState {
     /// When the metaserver learned of it (load or first registration): the start of its
     /// silence if it never reports.
     pub known_since: Instant,
+    pub inventoried: bool,
     pub last_seen: Option<Instant>,
     /// Known from the database but not heard from since the metaserver started: presumed up
     /// until then, so a metaserver restart does not fail reads while daemons reconnect.
@@ -91,8 +92,11 @@ impl Registry {
                 domain: rec.domain.clone(),
                 draining: rec.draining,
                 known_since: now,
+                inventoried: false,
                 last_seen: None,
-                presumed_up_until: Some(now + self.heartbeat_timeout),
+                // Daemons reconnecting to a restarted metaserver may take a few seconds (QUIC
+                // retransmission backoff); reads and placement wait for them meanwhile.
+                presumed_up_until: Some(now + self.heartbeat_timeout.max(Duration::from_secs(10))),
                 usage: NodeUsage::default(),
                 referenced_pieces: 0,
                 referenced_bytes: 0,
@@ -117,6 +121,7 @@ impl Registry {
             domain: None,
             draining: false,
             known_since: now,
+            inventoried: false,
             last_seen: None,
             presumed_up_until: None,
             usage,
@@ -132,12 +137,10 @@ impl Registry {
         node.last_seen = Some(now);
     }
 
-    /// Records a heartbeat; false if the daemon must register first: unknown, or known only
-    /// from before a metaserver restart (registering sends its inventory, which is how pieces
-    /// written but never committed before a crash are found).
+    /// Records a heartbeat; false if the daemon is unknown (it must register).
     pub fn heartbeat(&mut self, id: NodeId, usage: NodeUsage, now: Instant) -> bool {
         match self.nodes.get_mut(&id) {
-            Some(n) if n.last_seen.is_some() => {
+            Some(n) => {
                 n.usage = usage;
                 n.last_seen = Some(now);
                 true
@@ -163,6 +166,18 @@ impl Registry {
 
     pub fn node(&self, id: NodeId) -> Option<&NodeState> {
         self.nodes.get(&id)
+    }
+
+    /// Whether the daemon sent a complete inventory since the metaserver started (how pieces
+    /// written but never committed before a crash are found).
+    pub fn inventoried(&self, id: NodeId) -> bool {
+        self.nodes.get(&id).is_some_and(|n| n.inventoried)
+    }
+
+    pub fn set_inventoried(&mut self, id: NodeId, done: bool) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.inventoried = done;
+        }
     }
 
     pub fn set_domain(&mut self, id: NodeId, domain: Option<String>) {
@@ -562,7 +577,7 @@ mod tests {
         };
         r.load(1, &rec, now);
         assert!(r.is_up(1, now + Duration::from_secs(4)));
-        assert!(!r.is_up(1, now + Duration::from_secs(6)));
+        assert!(!r.is_up(1, now + Duration::from_secs(11)));
         assert_eq!(r.report(now)[0].last_seen_ms, None, "never heard from is shown as such");
     }
 
@@ -571,7 +586,7 @@ mod tests {
         let (mut r, now) = registry(1);
         assert_eq!(r.transitions(now).len(), 1);
         assert!(r.transitions(now).is_empty());
-        let later = now + Duration::from_secs(6);
+        let later = now + Duration::from_secs(11);
         let t = r.transitions(later);
         assert_eq!(t.len(), 1);
         assert!(!t[0].1);

@@ -16,8 +16,17 @@ use crate::namespace;
 use crate::schema::ChunkRecord;
 use crate::service::{MetaService, lock};
 
-/// How often the chunk map is scanned for pieces needing copies.
+/// How often the chunk map is scanned for pieces needing copies (or less often on a large
+/// cluster: scans take at most a tenth of the metaserver's time).
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(2);
+
+impl crate::healer::HealerState {
+    pub fn scan_due(&self, now: Instant) -> bool {
+        let interval = SCAN_INTERVAL.max(self.scan_took * 10);
+        self.scanned_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= interval)
+    }
+}
 /// A copy not reported done within this long is planned again.
 const COPY_TIMEOUT: Duration = Duration::from_secs(300);
 /// Most orders handed to one daemon per heartbeat.
@@ -220,6 +229,7 @@ impl MetaService {
             let mut healer = lock(&self.healer);
             healer.last = plan.stats.clone();
             healer.scanned_at = Some(now);
+            healer.scan_took = now.elapsed();
             if !plan.copies.is_empty() {
                 let repairs = plan.copies.iter().filter(|c| c.kind == CopyKind::Repair).count();
                 tracing::info!(

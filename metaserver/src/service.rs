@@ -210,21 +210,21 @@ impl MetaService {
     /// before have not reported yet, waits for them rather than failing (or placing every copy
     /// on the first daemon back).
     async fn choose_nodes(&self, count: usize, exclude: &[NodeId]) -> Result<Vec<NodeId>, NoDaemon> {
-        let deadline = Instant::now() + self.settings.heartbeat_timeout;
+        // Bounded well below a client's request timeout, so the client does not give up on a
+        // request the metaserver then carries out.
+        let deadline = Instant::now() + Duration::from_secs(3);
         loop {
             let now = Instant::now();
             let (choice, waiting) = {
                 let registry = lock(&self.registry);
                 (
                     registry.choose_many(count, &[], exclude, self.settings.chunk_size, now),
-                    registry.awaiting_reports(now),
+                    registry.awaiting_reports(now) && now < deadline,
                 )
             };
             match choice {
                 Err(_) if waiting => tokio::time::sleep(Duration::from_millis(50)).await,
-                Ok(nodes) if nodes.len() < count && waiting && now < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
+                Ok(nodes) if nodes.len() < count && waiting => tokio::time::sleep(Duration::from_millis(50)).await,
                 other => return other,
             }
         }
@@ -762,7 +762,13 @@ impl MetaService {
             })
             .await?;
         let copy = self.orders_for(node);
-        Ok(HeartbeatReply { delete, more, copy })
+        let inventory_wanted = !lock(&self.registry).inventoried(node);
+        Ok(HeartbeatReply {
+            delete,
+            more,
+            copy,
+            inventory_wanted,
+        })
     }
 
     pub async fn inventory(&self, req: Inventory) -> Result<InventoryReply> {
@@ -824,6 +830,7 @@ impl MetaService {
             .await?;
         }
         if req.last {
+            lock(&self.registry).set_inventoried(node, true);
             let seen = lock(&self.inventories).remove(&node).unwrap_or_default();
             let missing = self
                 .read(move |r| {
@@ -895,9 +902,7 @@ impl MetaService {
             }
         }
         self.expire_snapshots(now);
-        let due = lock(&self.healer)
-            .scanned_at
-            .is_none_or(|t| now.saturating_duration_since(t) >= crate::repair::SCAN_INTERVAL);
+        let due = lock(&self.healer).scan_due(now);
         if due && let Err(e) = self.heal().await {
             tracing::error!("cannot scan for pieces needing copies: {e}");
         }

@@ -517,6 +517,9 @@ pub struct HeartbeatReply {
     pub more: bool,
     /// Copies to make (repairs, moves).
     pub copy: Vec<CopyOrder>,
+    /// The metaserver has no inventory from this daemon since it started (it restarted
+    /// between two heartbeats): send one.
+    pub inventory_wanted: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

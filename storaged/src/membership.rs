@@ -87,7 +87,8 @@ impl Membership {
                 Err(e) => tracing::warn!("metaserver {}: {e}; registering again in {backoff:?}", self.meta),
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.heartbeat.max(Duration::from_secs(2)));
+            // Short: while the daemon is not registered, new data cannot be placed on it.
+            backoff = (backoff * 2).min(self.heartbeat.max(Duration::from_millis(500)));
         }
     }
 
@@ -113,8 +114,9 @@ impl Membership {
         self.send_inventory(node).await?;
         let mut last_inventory = tokio::time::Instant::now();
         let mut deleted: Vec<PieceId> = Vec::new();
+        let mut inventory_wanted = false;
         loop {
-            if last_inventory.elapsed() >= INVENTORY_INTERVAL {
+            if last_inventory.elapsed() >= INVENTORY_INTERVAL || inventory_wanted {
                 self.send_inventory(node).await?;
                 last_inventory = tokio::time::Instant::now();
             }
@@ -140,6 +142,7 @@ impl Membership {
                 Err(e) => return Err(e),
             };
             deleted.clear();
+            inventory_wanted = reply.inventory_wanted;
             pending.delivered(&corrupt, copied_count);
             if !corrupt.is_empty() {
                 tracing::info!("reported {} corrupt pieces to metaserver {}", corrupt.len(), self.meta);

@@ -55,6 +55,21 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Writes a whole file and closes it, reporting an error from `close()` too (`fs::write`
+/// ignores it, and `close()` is where a distributed file system reports a failed commit).
+fn write_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::IntoRawFd;
+    let mut f = fs::File::create(path)?;
+    f.write_all(data)?;
+    let fd = f.into_raw_fd();
+    // SAFETY: closing the descriptor we own, once.
+    if unsafe { libc::close(fd) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Drops the kernel's page cache so reads go to the storage daemons.
 fn drop_caches() {
     let _ = fs::write("/proc/sys/vm/drop_caches", "3");
@@ -109,7 +124,7 @@ fn a_daemon_killed_during_writes_loses_nothing_and_is_healed_around() {
                 let p = mnt.join(format!("small/f{i}"));
                 let data = pattern(1000 + i, 1000 + (i as usize * 37) % 60_000);
                 let started = Instant::now();
-                match fs::write(&p, &data) {
+                match write_file(&p, &data) {
                     Ok(()) => ok.push((p, 1000 + i)),
                     Err(e) => {
                         failed += 1;
@@ -205,7 +220,7 @@ fn a_new_daemon_receives_data_until_balanced_while_reads_succeed() {
     let dir = mnt.join("files");
     fs::create_dir(&dir).expect("mkdir");
     for i in 0..1000u64 {
-        fs::write(dir.join(format!("f{i}")), pattern(i, 32 << 10)).expect("write");
+        write_file(&dir.join(format!("f{i}")), &pattern(i, 32 << 10)).expect("write");
     }
     let before = cluster.status();
     assert!(before.nodes.iter().all(|n| n.referenced_pieces > 300));
@@ -278,7 +293,7 @@ fn drain_empties_a_daemon_and_every_file_reads_back() {
     for i in 0..150u64 {
         let p = mnt.join(format!("f{i}"));
         let data = pattern(i, 1 + (i as usize * 7919) % (3 << 20));
-        fs::write(&p, &data).expect("write");
+        write_file(&p, &data).expect("write");
         files.insert(p, data);
     }
     let victim = "storage-1";
@@ -297,7 +312,7 @@ fn drain_empties_a_daemon_and_every_file_reads_back() {
         cluster.try_status().is_some_and(|r| healthy(&r, 2))
     });
     // Nothing new goes to a draining daemon.
-    fs::write(mnt.join("after"), b"new data").unwrap();
+    write_file(&mnt.join("after"), b"new data").unwrap();
     assert!(pieces_of(&cluster, &mnt.join("after"))[0].2.iter().all(|h| h != victim));
     // It can be stopped: everything is elsewhere.
     cluster.kill_daemon(victim);
@@ -326,8 +341,8 @@ fn a_damaged_copy_is_detected_served_around_and_replaced() {
     let read_file = mnt.join("read");
     let scrubbed_file = mnt.join("scrubbed");
     let data = pattern(5, 300_000);
-    fs::write(&read_file, &data).unwrap();
-    fs::write(&scrubbed_file, &data).unwrap();
+    write_file(&read_file, &data).unwrap();
+    write_file(&scrubbed_file, &data).unwrap();
 
     let flip = |cluster: &Cluster, path: &Path| -> (u64, String) {
         let (piece, _, holders) = pieces_of(cluster, path).remove(0);
@@ -392,19 +407,23 @@ fn metaserver_killed_mid_workload_keeps_every_acknowledged_operation() {
     let workload = {
         let (mnt, stop) = (mnt.clone(), stop.clone());
         std::thread::spawn(move || {
-            // name -> seed of its content, for every operation that succeeded.
-            let mut done: BTreeMap<PathBuf, u64> = BTreeMap::new();
+            // Files whose write and close succeeded -> seed of their content. A rename that
+            // failed may still have happened (its answer lost with the metaserver): then the
+            // file is under one of its two names.
+            let mut done: BTreeMap<Vec<PathBuf>, u64> = BTreeMap::new();
             let mut dirs = Vec::new();
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let tmp = mnt.join(format!("w/tmp{i}"));
                 let data = pattern(i, 5000 + (i as usize * 131) % 200_000);
-                if fs::write(&tmp, &data).is_ok() {
+                if write_file(&tmp, &data).is_ok() {
                     let final_name = mnt.join(format!("w/file{i}"));
-                    if i.is_multiple_of(2) && fs::rename(&tmp, &final_name).is_ok() {
-                        done.insert(final_name, i);
-                    } else if tmp.exists() {
-                        done.insert(tmp, i);
+                    if !i.is_multiple_of(2) {
+                        done.insert(vec![tmp], i);
+                    } else if fs::rename(&tmp, &final_name).is_ok() {
+                        done.insert(vec![final_name], i);
+                    } else {
+                        done.insert(vec![tmp, final_name], i);
                     }
                 }
                 if i.is_multiple_of(10) && fs::create_dir(mnt.join(format!("w/d{i}"))).is_ok() {
@@ -425,10 +444,20 @@ fn metaserver_killed_mid_workload_keeps_every_acknowledged_operation() {
     eprintln!("{} files and {} directories acknowledged", done.len(), dirs.len());
     assert!(done.len() > 10);
     drop_caches();
-    for (p, seed) in &done {
+    for (names, seed) in &done {
         let want = pattern(*seed, 5000 + (*seed as usize * 131) % 200_000);
+        let p = names.iter().find(|p| p.exists()).unwrap_or(&names[0]);
         let got = fs::read(p).unwrap_or_else(|e| panic!("{} acknowledged but: {e}", p.display()));
-        assert!(got == want, "{} differs", p.display());
+        if got != want {
+            let first = got.iter().zip(&want).position(|(a, b)| a != b);
+            let other = (0..2000u64).find(|&j| got == pattern(j, 5000 + (j as usize * 131) % 200_000));
+            panic!(
+                "{} differs: {} bytes, expected {}; first difference at {first:?}; content of file {other:?}",
+                p.display(),
+                got.len(),
+                want.len()
+            );
+        }
     }
     for d in &dirs {
         assert!(d.is_dir(), "{} acknowledged but missing", d.display());
@@ -461,14 +490,14 @@ fn a_partitioned_daemon_never_serves_stale_data_and_reconciles() {
     let mnt = cluster.mount();
     let file = mnt.join("f");
     let v1 = pattern(71, 200_000);
-    fs::write(&file, &v1).unwrap();
+    write_file(&file, &v1).unwrap();
     let (old_piece, _, holders) = pieces_of(&cluster, &file).remove(0);
     let frozen = holders[0].clone();
     cluster.signal_daemon(&frozen, libc::SIGSTOP);
     cluster.wait_daemon_state(&frozen, false, Duration::from_secs(20));
 
     let v2 = pattern(72, 200_000);
-    fs::write(&file, &v2).expect("rewrite while a copy's daemon is away");
+    write_file(&file, &v2).expect("rewrite while a copy's daemon is away");
     drop_caches();
     assert!(fs::read(&file).unwrap() == v2);
     // Past the grace period the new version gets its second copy elsewhere.
@@ -519,8 +548,8 @@ fn a_directory_replication_factor_is_inherited() {
     assert!(dfs(&[dir.to_str().unwrap(), "3"]).status.success());
     assert!(String::from_utf8_lossy(&dfs(&[dir.to_str().unwrap()]).stdout).contains(": 3"));
     fs::create_dir(dir.join("sub")).unwrap();
-    fs::write(dir.join("sub/f"), pattern(9, 100_000)).unwrap();
-    fs::write(mnt.join("plain"), pattern(9, 100_000)).unwrap();
+    write_file(&dir.join("sub/f"), &pattern(9, 100_000)).unwrap();
+    write_file(&mnt.join("plain"), &pattern(9, 100_000)).unwrap();
     assert_eq!(
         pieces_of(&cluster, &dir.join("sub/f"))[0].2.len(),
         3,
