@@ -143,8 +143,11 @@ pub fn render(report: &ClusterReport) -> String {
     };
     let _ = writeln!(
         out,
-        "redundancy: {health}   under-replicated: {}   unavailable: {}   lost: {}",
-        r.under_replicated, r.unavailable, r.lost
+        "redundancy: {health}   under-replicated: {}   unavailable: {}   lost: {}   (checked {:.0}s ago)",
+        r.under_replicated,
+        r.unavailable,
+        r.lost,
+        r.scanned_ms_ago.min(999_000) as f64 / 1000.0
     );
     let _ = writeln!(
         out,

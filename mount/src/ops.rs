@@ -946,6 +946,11 @@ impl Mount {
         let suspects = self.storage.suspects();
         // Daemons the metaserver knows are down are not tried: the read fails at once.
         let mut order: Vec<&NodeAddr> = loc.nodes.iter().filter(|n| n.up).collect();
+        // Different pieces start at different copies, so reads spread over the daemons.
+        if !order.is_empty() {
+            let len = order.len();
+            order.rotate_left((loc.piece % len as u64) as usize);
+        }
         order.sort_by_key(|n| suspects.contains(&n.id));
         let mark = out.len();
         let mut last_error = None;

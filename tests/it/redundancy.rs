@@ -334,7 +334,8 @@ fn a_damaged_copy_is_detected_served_around_and_replaced() {
     let mut cluster = cluster(3, |c| {
         fast(c, 2);
         for s in &mut c.storaged {
-            s.scrub_interval_secs = 5;
+            // The first pass starts 20 s after the daemon: after the read part below.
+            s.scrub_interval_secs = 20;
         }
     });
     let mnt = cluster.mount();
@@ -346,7 +347,8 @@ fn a_damaged_copy_is_detected_served_around_and_replaced() {
 
     let flip = |cluster: &Cluster, path: &Path| -> (u64, String) {
         let (piece, _, holders) = pieces_of(cluster, path).remove(0);
-        let victim = holders[0].clone();
+        // The copy a read tries first (the mount starts at copy `piece % copies`).
+        let victim = holders[(piece % holders.len() as u64) as usize].clone();
         let stored = cluster.piece_path(&victim, piece);
         let mut bytes = fs::read(&stored).unwrap();
         for b in &mut bytes[100_000..100_010] {
@@ -377,10 +379,12 @@ fn a_damaged_copy_is_detected_served_around_and_replaced() {
         let stored = fs::read(cluster.piece_path(&holder, piece)).unwrap();
         assert!(stored[..data.len()] == data[..], "copy on {holder} is good");
     }
+    let logs = cluster.logs();
     assert!(
-        cluster.logs().contains(&format!("piece {piece}")),
-        "the damage is reported"
+        logs.contains("trying another copy"),
+        "the read went around the damaged copy"
     );
+    assert!(logs.contains(&format!("piece {piece}")), "the damage is reported");
 
     // Damage that no read meets: the scrub finds it.
     let (piece2, victim2) = flip(&cluster, &scrubbed_file);
