@@ -214,6 +214,8 @@ pub fn make_node(ctx: &mut WriteCtx<'_>, n: &NewNode<'_>) -> Result<(Ino, InodeR
         let inherited = ctx.xattrs.get((n.parent, REPLICAS_XATTR))?.map(|v| v.value().to_vec());
         if let Some(value) = inherited {
             ctx.xattrs.insert((ino, REPLICAS_XATTR), value.as_slice())?;
+            rec.has_xattrs = true;
+            ctx.put_inode(ino, &rec)?;
         }
     }
     touch_dir(ctx, n.parent, if n.kind == FileKind::Directory { 1 } else { 0 })?;
@@ -932,6 +934,7 @@ pub fn set_xattr(ctx: &mut WriteCtx<'_>, ino: Ino, name: &[u8], value: &[u8], mo
         }
     }
     ctx.xattrs.insert((ino, name), value)?;
+    rec.has_xattrs = true;
     rec.ctime = ctx.now;
     ctx.put_inode(ino, &rec)?;
     Ok(rec.attr(ino))
@@ -946,6 +949,7 @@ pub fn remove_xattr(ctx: &mut WriteCtx<'_>, ino: Ino, name: &[u8]) -> Result<Att
             format!("inode {ino} has no attribute {:?}", show(name)),
         ));
     }
+    rec.has_xattrs = ctx.xattrs.range((ino, &[][..])..(ino + 1, &[][..]))?.next().is_some();
     rec.ctime = ctx.now;
     ctx.put_inode(ino, &rec)?;
     Ok(rec.attr(ino))
@@ -1280,8 +1284,9 @@ mod tests {
     fn xattrs_set_get_list_remove_and_go_with_the_inode() {
         let f = Fixture::new();
         let file = f.mk(ROOT_INO, "f", FileKind::RegularFile);
+        assert!(!get_attr(&f.read(), file).unwrap().has_xattrs);
         let set = |name: &str, value: &[u8], mode| f.write(|c| set_xattr(c, file, name.as_bytes(), value, mode));
-        set("user.a", b"1", XattrMode::Set).unwrap();
+        assert!(set("user.a", b"1", XattrMode::Set).unwrap().has_xattrs);
         set("user.b", &[7u8; MAX_XATTR_VALUE], XattrMode::Create).unwrap();
         assert_eq!(
             f.kind_of(set("user.a", b"2", XattrMode::Create)),
@@ -1310,7 +1315,11 @@ mod tests {
             vec![b"user.a".to_vec(), b"user.b".to_vec()]
         );
         drop(r);
-        f.write(|c| remove_xattr(c, file, b"user.a")).unwrap();
+        assert!(
+            f.write(|c| remove_xattr(c, file, b"user.a")).unwrap().has_xattrs,
+            "user.b is left"
+        );
+        assert!(!f.write(|c| remove_xattr(c, file, b"user.b")).unwrap().has_xattrs);
         assert_eq!(
             f.kind_of(f.write(|c| remove_xattr(c, file, b"user.a"))),
             ErrorKind::NoAttribute

@@ -70,6 +70,8 @@ pub struct InodeRecord {
     pub parent: Ino,
     /// For symlinks: the target.
     pub target: Vec<u8>,
+    /// Whether `XATTRS` holds anything for this inode.
+    pub has_xattrs: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -93,6 +95,7 @@ impl InodeRecord {
             stored_bytes: 0,
             parent: 0,
             target: Vec::new(),
+            has_xattrs: false,
         }
     }
 
@@ -114,6 +117,7 @@ impl InodeRecord {
             ctime: self.ctime,
             rdev: self.rdev,
             stored_bytes: if self.is_dir() { 4096 } else { self.stored_bytes },
+            has_xattrs: self.has_xattrs,
         }
     }
 

@@ -88,6 +88,7 @@ mod tests {
             ctime: Timestamp::default(),
             rdev: 0,
             stored_bytes: 0,
+            has_xattrs: false,
         }
     }
 

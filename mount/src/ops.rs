@@ -285,8 +285,26 @@ impl Mount {
     // ------------------------------------------------------------------------------------------
     // Extended attributes
 
+    /// Whether the attributes this mount holds (fresh, at most `attr_timeout_ms` old) say the
+    /// inode has no extended attributes at all.
+    fn known_without_xattrs(&self, ino: Ino) -> bool {
+        self.attrs.get(ino).is_some_and(|a| !a.has_xattrs)
+    }
+
     pub async fn getxattr(&self, ino: Ino, name: Vec<u8>) -> FsResult<Vec<u8>> {
-        let answer = match self.xattrs.get(ino, &name) {
+        if name.starts_with(b"system.") {
+            // ACLs and the like need the kernel's interpretation, which dfs does not offer.
+            return Err(FsError::new(
+                libc::EOPNOTSUPP,
+                format!("inode {ino}: attribute {:?} is not supported", show(&name)),
+            ));
+        }
+        let cached = match self.xattrs.get(ino, &name) {
+            Some(answer) => Some(answer),
+            None if self.known_without_xattrs(ino) => Some(None),
+            None => None,
+        };
+        let answer = match cached {
             Some(answer) => answer,
             None => {
                 let answer = match self
@@ -310,6 +328,9 @@ impl Mount {
 
     /// The names, each followed by a NUL, as listxattr(2) returns them.
     pub async fn listxattr(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        if self.known_without_xattrs(ino) {
+            return Ok(Vec::new());
+        }
         let names = by_ino(self.meta.call(ListXattr { ino }).await)?;
         let mut out = Vec::new();
         for n in names {

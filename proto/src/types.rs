@@ -93,6 +93,9 @@ pub struct Attr {
     pub rdev: u32,
     /// Bytes actually stored for this file (holes excluded), for st_blocks.
     pub stored_bytes: u64,
+    /// Whether the inode has extended attributes: lets a mount answer "none" without asking
+    /// (`ls -l` asks for `security.selinux` of every file).
+    pub has_xattrs: bool,
 }
 
 /// Where a storage daemon can be reached, and whether the metaserver believes it is alive.
