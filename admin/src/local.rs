@@ -46,8 +46,40 @@ pub fn free_udp_addr(host: &str) -> std::io::Result<String> {
             format!("{host:?} is not an IP address"),
         )
     })?;
+    // Below the kernel's ephemeral range: a port chosen now and bound later by a daemon must not
+    // be handed meanwhile to some client's socket (every `dfs status` binds one).
+    let (low, _) = ephemeral_range();
+    let span = low.saturating_sub(PORT_FLOOR).max(1);
+    for attempt in 0..200u64 {
+        let port = PORT_FLOOR + (random(attempt) % span as u64) as u16;
+        if port < low && UdpSocket::bind((ip, port)).is_ok() {
+            return Ok(std::net::SocketAddr::new(ip, port).to_string());
+        }
+    }
     let port = UdpSocket::bind((ip, 0))?.local_addr()?.port();
     Ok(std::net::SocketAddr::new(ip, port).to_string())
+}
+
+/// Lowest port `free_udp_addr` hands out.
+const PORT_FLOOR: u16 = 20_000;
+
+/// The kernel's range of automatically assigned ports.
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|v| v.parse::<u16>());
+            Some((it.next()?.ok()?, it.next()?.ok()?))
+        })
+        .unwrap_or((32768, 60999))
+}
+
+fn random(salt: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(salt);
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LocalError + '_ {

@@ -10,7 +10,7 @@ use dfs_proto::frame;
 use dfs_proto::meta::BasePiece;
 use dfs_proto::storage::{PieceWritten, ReadPiece, ReadReply, SegmentHeader, WritePiece};
 use dfs_proto::types::{NodeAddr, NodeId, PieceId};
-use dfs_proto::{Call, Peer, RemoteError, RpcError};
+use dfs_proto::{Call, Peer, PeerMap, RemoteError, RpcError};
 use quinn::{Endpoint, RecvStream, SendStream};
 
 use crate::error::{FsError, FsResult};
@@ -19,18 +19,14 @@ use crate::error::{FsError, FsResult};
 const SUSPECT_FOR: Duration = Duration::from_secs(30);
 
 pub struct StoragePool {
-    endpoint: Endpoint,
-    connect_timeout: Duration,
-    peers: Mutex<HashMap<NodeId, Arc<Peer>>>,
+    peers: PeerMap,
     suspects: Mutex<HashMap<NodeId, Instant>>,
 }
 
 impl StoragePool {
     pub fn new(endpoint: Endpoint, connect_timeout: Duration) -> Self {
         StoragePool {
-            endpoint,
-            connect_timeout,
-            peers: Mutex::new(HashMap::new()),
+            peers: PeerMap::new(endpoint, connect_timeout),
             suspects: Mutex::new(HashMap::new()),
         }
     }
@@ -52,20 +48,7 @@ impl StoragePool {
     }
 
     pub fn peer(&self, node: &NodeAddr) -> Arc<Peer> {
-        let mut peers = self.peers.lock().expect("peers");
-        match peers.get(&node.id) {
-            Some(p) if p.addr() == node.addr && p.name() == node.name => p.clone(),
-            _ => {
-                let p = Arc::new(Peer::new(
-                    self.endpoint.clone(),
-                    node.addr.clone(),
-                    node.name.clone(),
-                    self.connect_timeout,
-                ));
-                peers.insert(node.id, p.clone());
-                p
-            }
-        }
+        self.peers.get(node)
     }
 
     /// Appends to `out` up to `len` bytes of `piece` at `offset` from `node`; returns how many

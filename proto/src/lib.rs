@@ -17,5 +17,5 @@ pub mod types;
 
 pub use call::Call;
 pub use error::{ErrorKind, RemoteError};
-pub use rpc::{Peer, RpcError};
+pub use rpc::{Peer, PeerMap, RpcError};
 pub use types::*;

@@ -242,3 +242,38 @@ impl Peer {
         }
     }
 }
+
+/// One [`Peer`] per storage daemon, shared by everything that talks to daemons through one
+/// endpoint; a daemon that re-registered at another address gets a fresh peer.
+pub struct PeerMap {
+    endpoint: Endpoint,
+    connect_timeout: Duration,
+    peers: std::sync::Mutex<std::collections::HashMap<crate::types::NodeId, std::sync::Arc<Peer>>>,
+}
+
+impl PeerMap {
+    pub fn new(endpoint: Endpoint, connect_timeout: Duration) -> Self {
+        PeerMap {
+            endpoint,
+            connect_timeout,
+            peers: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    pub fn get(&self, node: &crate::types::NodeAddr) -> std::sync::Arc<Peer> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        match peers.get(&node.id) {
+            Some(p) if p.addr() == node.addr && p.name() == node.name => p.clone(),
+            _ => {
+                let p = std::sync::Arc::new(Peer::new(
+                    self.endpoint.clone(),
+                    node.addr.clone(),
+                    node.name.clone(),
+                    self.connect_timeout,
+                ));
+                peers.insert(node.id, p.clone());
+                p
+            }
+        }
+    }
+}

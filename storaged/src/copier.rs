@@ -7,14 +7,14 @@
 //! the copier until membership takes them for the next heartbeat ([`Copier::take_done`]).
 //! The source verifies its checksums when serving; the copy gets its own when committed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dfs_proto::meta::{CopyDone, CopyOrder};
 use dfs_proto::storage::{ReadPiece, ReadReply};
-use dfs_proto::types::{NodeAddr, NodeId, PieceId};
-use dfs_proto::{Call, Peer, RemoteError, RpcError, frame};
+use dfs_proto::types::{NodeAddr, PieceId};
+use dfs_proto::{Call, Peer, PeerMap, RemoteError, RpcError, frame};
 use quinn::Endpoint;
 use tokio::sync::Semaphore;
 use tokio::task::spawn_blocking;
@@ -78,10 +78,9 @@ struct State {
 
 struct Inner {
     store: Arc<PieceStore>,
-    endpoint: Endpoint,
     slots: Semaphore,
     state: Mutex<State>,
-    peers: Mutex<HashMap<NodeId, Arc<Peer>>>,
+    peers: PeerMap,
 }
 
 /// Cheap to clone; all clones share the queue and the outcomes.
@@ -96,10 +95,9 @@ impl Copier {
         Copier {
             inner: Arc::new(Inner {
                 store,
-                endpoint,
                 slots: Semaphore::new(MAX_RUNNING),
                 state: Mutex::new(State::default()),
-                peers: Mutex::new(HashMap::new()),
+                peers: PeerMap::new(endpoint, CONNECT_TIMEOUT),
             }),
         }
     }
@@ -147,20 +145,7 @@ impl Copier {
 
 impl Inner {
     fn peer(&self, node: &NodeAddr) -> Arc<Peer> {
-        let mut peers = self.peers.lock().expect("peers");
-        match peers.get(&node.id) {
-            Some(p) if p.addr() == node.addr && p.name() == node.name => p.clone(),
-            _ => {
-                let p = Arc::new(Peer::new(
-                    self.endpoint.clone(),
-                    node.addr.clone(),
-                    node.name.clone(),
-                    CONNECT_TIMEOUT,
-                ));
-                peers.insert(node.id, p.clone());
-                p
-            }
-        }
+        self.peers.get(node)
     }
 
     /// Makes the copy; the error message names every source tried and why it failed.
@@ -370,7 +355,7 @@ mod tests {
         .unwrap()
     }
 
-    fn node(id: NodeId, name: &str, addr: std::net::SocketAddr) -> NodeAddr {
+    fn node(id: dfs_proto::types::NodeId, name: &str, addr: std::net::SocketAddr) -> NodeAddr {
         NodeAddr {
             id,
             name: name.into(),
