@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dfs_proto::frame;
 use dfs_proto::meta::BasePiece;
-use dfs_proto::storage::{PieceWritten, ReadPiece, ReadReply, SegmentHeader, WritePiece};
+use dfs_proto::storage::{PieceWritten, SegmentHeader, WritePiece};
 use dfs_proto::types::{NodeAddr, NodeId, PieceId};
 use dfs_proto::{Call, Peer, PeerMap, RemoteError, RpcError};
 use quinn::{Endpoint, RecvStream, SendStream};
@@ -63,51 +63,10 @@ impl StoragePool {
         timeout: Duration,
     ) -> FsResult<usize> {
         let peer = self.peer(node);
-        let failed = |e: RpcError| FsError::from(e).with_context(format!("reading piece {piece}"));
         let exchange = async {
-            let (conn, mut send, mut recv) = peer.open_stream(ReadPiece::NAME, timeout).await.map_err(failed)?;
-            let request = ReadPiece {
-                piece,
-                offset,
-                len: len as u32,
-            };
-            let result = async {
-                frame::write_frame(&mut send, &request.into_envelope())
-                    .await
-                    .map_err(|e| peer.frame_error(ReadPiece::NAME, e))?;
-                let _ = send.finish();
-                let reply: Result<ReadReply, RemoteError> = frame::read_frame(&mut recv)
-                    .await
-                    .map_err(|e| peer.frame_error(ReadPiece::NAME, e))?;
-                let n = reply.map_err(|e| peer.remote(e))?.len as usize;
-                if n > len {
-                    return Err(peer.transport(ReadPiece::NAME, format!("sent {n} bytes for a {len}-byte read")));
-                }
-                // Appended straight from quinn's buffers: no zero-filled staging copy.
-                let mut left = n;
-                while left > 0 {
-                    match recv.read_chunk(left, true).await {
-                        Ok(Some(chunk)) => {
-                            left -= chunk.bytes.len();
-                            out.extend_from_slice(&chunk.bytes);
-                        }
-                        Ok(None) => {
-                            let short = format!("read of piece {piece} cut short: {left} of {n} bytes missing");
-                            return Err(peer.transport(ReadPiece::NAME, short));
-                        }
-                        Err(e) => {
-                            let short = format!("read of piece {piece} cut short: {e}");
-                            return Err(peer.transport(ReadPiece::NAME, short));
-                        }
-                    }
-                }
-                Ok(n)
-            }
-            .await;
-            if result.as_ref().is_err_and(|e| e.is_unavailable()) {
-                peer.forget(&conn).await;
-            }
-            result.map_err(failed)
+            peer.read_piece(piece, offset, len as u32, out, timeout)
+                .await
+                .map_err(|e| FsError::from(e).with_context(format!("reading piece {piece}")))
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(r) => r,

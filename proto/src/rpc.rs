@@ -277,3 +277,55 @@ impl PeerMap {
         }
     }
 }
+
+impl Peer {
+    /// Reads up to `len` bytes of `piece` at `offset` from this storage daemon, appending them
+    /// to `out` straight from QUIC's buffers; returns how many the daemon holds there (fewer
+    /// if the piece ends first). The caller bounds the whole exchange with its own deadline.
+    pub async fn read_piece(
+        &self,
+        piece: crate::types::PieceId,
+        offset: u64,
+        len: u32,
+        out: &mut Vec<u8>,
+        timeout: Duration,
+    ) -> Result<usize, RpcError> {
+        use crate::storage::{ReadPiece, ReadReply};
+        const NAME: &str = ReadPiece::NAME;
+        let (conn, mut send, mut recv) = self.open_stream(NAME, timeout).await?;
+        let result = async {
+            let request = ReadPiece { piece, offset, len };
+            frame::write_frame(&mut send, &request.into_envelope())
+                .await
+                .map_err(|e| self.frame_error(NAME, e))?;
+            let _ = send.finish();
+            let reply: Result<ReadReply, RemoteError> = frame::read_frame(&mut recv)
+                .await
+                .map_err(|e| self.frame_error(NAME, e))?;
+            let n = reply.map_err(|e| self.remote(e))?.len;
+            if n > len {
+                return Err(self.transport(NAME, format!("sent {n} bytes for a {len}-byte read")));
+            }
+            let mut left = n as usize;
+            while left > 0 {
+                match recv.read_chunk(left, true).await {
+                    Ok(Some(chunk)) => {
+                        left -= chunk.bytes.len();
+                        out.extend_from_slice(&chunk.bytes);
+                    }
+                    Ok(None) => {
+                        let short = format!("read of piece {piece} cut short: {left} of {n} bytes missing");
+                        return Err(self.transport(NAME, short));
+                    }
+                    Err(e) => return Err(self.transport(NAME, format!("read of piece {piece} cut short: {e}"))),
+                }
+            }
+            Ok(n as usize)
+        }
+        .await;
+        if result.as_ref().is_err_and(|e| e.is_unavailable()) {
+            self.forget(&conn).await;
+        }
+        result
+    }
+}

@@ -12,9 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dfs_proto::meta::{CopyDone, CopyOrder};
-use dfs_proto::storage::{ReadPiece, ReadReply};
 use dfs_proto::types::{NodeAddr, PieceId};
-use dfs_proto::{Call, Peer, PeerMap, RemoteError, RpcError, frame};
+use dfs_proto::{Peer, PeerMap, RpcError};
 use quinn::Endpoint;
 use tokio::sync::Semaphore;
 use tokio::task::spawn_blocking;
@@ -298,38 +297,9 @@ enum FetchError {
 /// the whole exchange within [`REQUEST_TIMEOUT`].
 async fn fetch(peer: &Peer, piece: PieceId, offset: u64, len: u32) -> Result<Vec<u8>, FetchError> {
     let exchange = async {
-        let (conn, mut send, mut recv) = peer.open_stream(ReadPiece::NAME, REQUEST_TIMEOUT).await?;
-        let result = async {
-            let request = ReadPiece { piece, offset, len };
-            frame::write_frame(&mut send, &request.into_envelope())
-                .await
-                .map_err(|e| peer.frame_error(ReadPiece::NAME, e))?;
-            let _ = send.finish();
-            let reply: Result<ReadReply, RemoteError> = frame::read_frame(&mut recv)
-                .await
-                .map_err(|e| peer.frame_error(ReadPiece::NAME, e))?;
-            let n = reply.map_err(|e| peer.remote(e))?.len;
-            if n > len {
-                return Err(peer.transport(ReadPiece::NAME, format!("sent {n} bytes for a {len}-byte read")));
-            }
-            let mut out = Vec::with_capacity(n as usize);
-            while out.len() < n as usize {
-                match recv.read_chunk(n as usize - out.len(), true).await {
-                    Ok(Some(chunk)) => out.extend_from_slice(&chunk.bytes),
-                    Ok(None) => {
-                        let short = format!("read cut short: {} of {n} bytes missing", n as usize - out.len());
-                        return Err(peer.transport(ReadPiece::NAME, short));
-                    }
-                    Err(e) => return Err(peer.transport(ReadPiece::NAME, format!("read cut short: {e}"))),
-                }
-            }
-            Ok(out)
-        }
-        .await;
-        if result.as_ref().is_err_and(|e| e.is_unavailable()) {
-            peer.forget(&conn).await;
-        }
-        result
+        let mut out = Vec::with_capacity(len as usize);
+        peer.read_piece(piece, offset, len, &mut out, REQUEST_TIMEOUT).await?;
+        Ok(out)
     };
     match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
         Ok(r) => r.map_err(FetchError::Rpc),
