@@ -18,6 +18,26 @@ pub enum ReplicasError {
     },
     #[error("{0}: path contains a NUL byte")]
     BadPath(String),
+    #[error("{0} is not on a dfs mount (the replication factor is an attribute dfs stores)")]
+    NotDfs(String),
+}
+
+/// Refuses paths outside a dfs mount: elsewhere `user.dfs.replicas` would be stored as a
+/// meaningless attribute of a local file.
+fn check_on_dfs(path: &Path) -> Result<(), ReplicasError> {
+    let full = path.canonicalize().map_err(|source| ReplicasError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let on_dfs = full
+        .ancestors()
+        .find_map(dfs_common::process::mounted_fs)
+        .is_some_and(|(fs_type, source)| fs_type.starts_with("fuse") && source == "dfs");
+    if on_dfs {
+        Ok(())
+    } else {
+        Err(ReplicasError::NotDfs(path.display().to_string()))
+    }
 }
 
 fn c_path(path: &Path) -> Result<CString, ReplicasError> {
@@ -33,6 +53,7 @@ fn io_error(path: &Path) -> ReplicasError {
 
 /// The factor set on `path` itself, or None (the cluster default applies).
 pub fn get(path: &Path) -> Result<Option<u8>, ReplicasError> {
+    check_on_dfs(path)?;
     let p = c_path(path)?;
     let name = CString::new(XATTR).expect("no NUL");
     let mut buf = [0u8; 16];
@@ -54,6 +75,7 @@ pub fn get(path: &Path) -> Result<Option<u8>, ReplicasError> {
 }
 
 pub fn set(path: &Path, replicas: u8) -> Result<(), ReplicasError> {
+    check_on_dfs(path)?;
     let p = c_path(path)?;
     let name = CString::new(XATTR).expect("no NUL");
     let value = replicas.to_string();

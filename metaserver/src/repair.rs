@@ -162,8 +162,6 @@ impl MetaService {
             let mut up = HashSet::new();
             let views = registry
                 .ids()
-                .collect::<Vec<_>>()
-                .into_iter()
                 .map(|id| {
                     let n = registry.node(id).expect("listed");
                     let liveness = registry.liveness(id, now);

@@ -560,6 +560,9 @@ fn a_directory_replication_factor_is_inherited() {
         "inherited through a subdirectory"
     );
     assert_eq!(pieces_of(&cluster, &mnt.join("plain"))[0].2.len(), 1, "cluster default");
+    let local = dfs(&["/tmp", "2"]);
+    assert!(!local.status.success(), "a path outside dfs is refused");
+    assert!(String::from_utf8_lossy(&local.stderr).contains("not on a dfs mount"));
     let bad = Command::new("setfattr")
         .args(["-n", "user.dfs.replicas", "-v", "9"])
         .arg(&dir)
