@@ -23,11 +23,12 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Starts the commit thread. `on_commit` sees the effects of each durable transaction;
+    /// Starts the commit thread. `on_commit` runs after every transaction, with its effects if
+    /// it is durable (None if it failed), before any of its operations is answered;
     /// `may_delete` says whether an inode losing its last link can be deleted at once.
     pub fn start(
         db: Arc<Database>,
-        on_commit: impl Fn(Effects) + Send + 'static,
+        on_commit: impl Fn(Option<Effects>) + Send + 'static,
         may_delete: impl Fn(u64) -> bool + Send + Sync + 'static,
     ) -> Self {
         let (jobs, rx) = channel::<Job>();
@@ -70,7 +71,7 @@ impl Committer {
 fn commit_loop(
     db: &Database,
     rx: Receiver<Job>,
-    on_commit: &dyn Fn(Effects),
+    on_commit: &dyn Fn(Option<Effects>),
     may_delete: &(dyn Fn(u64) -> bool + Sync),
 ) {
     while let Ok(first) = rx.recv() {
@@ -89,9 +90,7 @@ fn commit_loop(
                 (Err(e.to_string()), None)
             }
         };
-        if let Some(effects) = effects {
-            on_commit(effects);
-        }
+        on_commit(effects);
         for respond in responders {
             respond(result.clone());
         }

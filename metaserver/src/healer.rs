@@ -111,6 +111,9 @@ pub struct Planner<'a> {
     corrupt_only: &'a HashSet<PieceId>,
     needs: Vec<RepairNeed>,
     movable: HashMap<NodeId, Vec<ChunkView>>,
+    /// Whether a deletion of the piece is queued for the daemon: a copy made there would be
+    /// deleted by it (the daemon may be carrying it out already), so none is planned there.
+    delete_queued: Box<dyn Fn(NodeId, PieceId) -> bool + 'a>,
     plan: Plan,
 }
 
@@ -130,8 +133,15 @@ impl<'a> Planner<'a> {
             corrupt_only,
             needs: Vec::new(),
             movable: HashMap::new(),
+            delete_queued: Box::new(|_, _| false),
             plan: Plan::default(),
         }
+    }
+
+    /// Tells the planner which (daemon, piece) deletions are queued.
+    pub fn with_queued_deletes(mut self, queued: impl Fn(NodeId, PieceId) -> bool + 'a) -> Self {
+        self.delete_queued = Box::new(queued);
+        self
     }
 
     fn liveness(&self, id: NodeId) -> Liveness {
@@ -244,9 +254,10 @@ impl<'a> Planner<'a> {
         busy < self.copies_per_node
     }
 
-    /// A target for a copy of a piece held by `holders`: takes data, has room for another
-    /// copy, holds none, least loaded, in a failure domain none of `holders` is in if possible.
-    fn target(&self, holders: &[NodeId], planned: &HashMap<NodeId, u32>) -> Option<NodeId> {
+    /// A target for a copy of `piece`, held by `holders`: takes data, has room for another
+    /// copy, holds none, has no deletion of it queued, least loaded, in a failure domain none
+    /// of `holders` is in if possible.
+    fn target(&self, piece: PieceId, holders: &[NodeId], planned: &HashMap<NodeId, u32>) -> Option<NodeId> {
         let domains: HashSet<&str> = holders
             .iter()
             .filter_map(|h| self.nodes.get(h))
@@ -255,7 +266,12 @@ impl<'a> Planner<'a> {
         let mut candidates: Vec<&NodeView> = self
             .nodes
             .values()
-            .filter(|n| n.takes_data && !holders.contains(&n.id) && self.room(n.id, planned))
+            .filter(|n| {
+                n.takes_data
+                    && !holders.contains(&n.id)
+                    && self.room(n.id, planned)
+                    && !(self.delete_queued)(n.id, piece)
+            })
             .collect();
         candidates.sort_by_key(|n| (domains.contains(n.domain.as_str()), n.bytes, n.id));
         candidates.first().map(|n| n.id)
@@ -272,7 +288,7 @@ impl<'a> Planner<'a> {
             let mut holders = need.view.nodes.clone();
             holders.extend(self.busy.targets_of.get(&need.view.piece).into_iter().flatten());
             for _ in 0..need.missing {
-                let Some(target) = self.target(&holders, &planned) else {
+                let Some(target) = self.target(need.view.piece, &holders, &planned) else {
                     break;
                 };
                 *planned.entry(target).or_default() += 1;
@@ -356,6 +372,7 @@ impl<'a> Planner<'a> {
                             && c.len <= gap / 2
                             && !moved.contains(&c.piece)
                             && !c.nodes.contains(&light)
+                            && !(self.delete_queued)(light, c.piece)
                             && !c
                                 .nodes
                                 .iter()
@@ -529,6 +546,41 @@ mod tests {
         assert_eq!(p.copies[0].target, 3);
         assert_eq!(p.copies[0].sources, vec![1]);
         assert_eq!(p.copies[0].kind, CopyKind::Repair);
+    }
+
+    #[test]
+    fn no_copy_goes_where_a_deletion_of_that_piece_is_queued() {
+        // Node 3 is the emptiest and came back from the dead, with a deletion of piece 100
+        // still queued: a copy there would be deleted by it.
+        let busy = Busy::default();
+        let nodes = || {
+            vec![
+                node(1, Liveness::Up, 10 << 20),
+                node(2, Liveness::Dead, 0),
+                node(3, Liveness::Up, 0),
+                node(4, Liveness::Up, 5 << 20),
+            ]
+        };
+        let none = HashSet::new();
+        let queued = |n: NodeId, p: PieceId| (n, p) == (3, 100);
+        let mut p = Planner::new(nodes(), &busy, 4, 10, &none).with_queued_deletes(queued);
+        p.chunk(chunk(10, 100, &[1, 2], 2));
+        p.chunk(chunk(11, 101, &[1, 2], 2));
+        let plan = p.finish();
+        let target_of = |piece| plan.copies.iter().find(|c| c.piece == piece).map(|c| c.target);
+        assert_eq!(target_of(100), Some(4), "not onto node 3");
+        assert_eq!(target_of(101), Some(3), "other pieces still go to the emptiest");
+
+        // Balancing never moves a piece back onto a daemon that is to delete it.
+        let nodes = vec![node(1, Liveness::Up, 0), node(2, Liveness::Up, 0)];
+        let mut p = Planner::new(nodes, &busy, 4, 10, &none).with_queued_deletes(|n, _| n == 2);
+        for piece in 0..40 {
+            let mut c = chunk(piece, piece, &[1], 1);
+            c.len = 1 << 20;
+            p.chunk(c);
+        }
+        let plan = p.finish();
+        assert!(plan.copies.is_empty(), "{:?}", plan.copies);
     }
 
     #[test]

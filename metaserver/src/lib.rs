@@ -14,3 +14,6 @@ pub mod schema;
 pub mod server;
 pub mod service;
 pub mod sessions;
+
+#[cfg(test)]
+mod service_tests;

@@ -709,12 +709,21 @@ pub fn commit_write(
     Ok(rec.attr(ino))
 }
 
-/// Deletes an orphaned inode and queues its pieces for deletion.
+/// Deletes an orphaned inode and queues its pieces for deletion, unless a mount opened it
+/// since (through `/proc/PID/fd`, say): the decision is the transaction's own (`may_delete`).
 pub fn reap_orphan(ctx: &mut WriteCtx<'_>, ino: Ino) -> Result<()> {
-    ctx.orphans.remove(ino)?;
     match get_inode(&ctx.inodes, ino)? {
-        Some(rec) if rec.nlink == 0 => delete_inode(ctx, ino, rec),
-        _ => Ok(()),
+        Some(rec) if rec.nlink == 0 => {
+            if !(ctx.may_delete)(ino) {
+                return Ok(());
+            }
+            ctx.orphans.remove(ino)?;
+            delete_inode(ctx, ino, rec)
+        }
+        _ => {
+            ctx.orphans.remove(ino)?;
+            Ok(())
+        }
     }
 }
 
@@ -768,6 +777,10 @@ pub fn set_draining(ctx: &mut WriteCtx<'_>, name: &str, draining: bool) -> Resul
 /// A copy of `piece` was made on `node` (a repair or a move). Records it if the chunk still
 /// holds that piece and returns true; otherwise queues the new copy for deletion (the chunk
 /// was rewritten or the file deleted meanwhile). A move then drops the copy on `from`.
+///
+/// A copy on a daemon with a deletion of that piece queued is never recorded: the daemon may
+/// be deleting it already (the queue entry goes only once it confirms), so recording it would
+/// name a daemon about to lose it. The planner does not send copies there.
 pub fn add_replica(
     ctx: &mut WriteCtx<'_>,
     ino: Ino,
@@ -776,6 +789,9 @@ pub fn add_replica(
     node: NodeId,
     from: Option<NodeId>,
 ) -> Result<bool> {
+    if ctx.deletes.get((node, piece))?.is_some() {
+        return Ok(false);
+    }
     let current = chunk(ctx, ino, index)?;
     let Some(mut c) = current.filter(|c| c.piece == piece) else {
         ctx.deletes.insert((node, piece), ())?;
@@ -985,6 +1001,18 @@ mod tests {
             r
         }
 
+        /// A transaction in which no mount has any file open.
+        fn write_closed<T>(&self, f: impl FnOnce(&mut WriteCtx<'_>) -> Result<T>) -> Result<T> {
+            let txn = self.db.begin_write().unwrap();
+            let closed = |_| true;
+            let r = {
+                let mut ctx = WriteCtx::open_with(&txn, &closed).unwrap();
+                f(&mut ctx)
+            };
+            txn.commit().unwrap();
+            r
+        }
+
         fn read(&self) -> ReadCtx {
             ReadCtx::begin(&self.db).unwrap()
         }
@@ -1089,7 +1117,13 @@ mod tests {
         let r = f.read();
         assert!(r.orphans.get(file).unwrap().is_some());
         assert_eq!(get_attr(&r, file).unwrap().nlink, 0);
+        drop(r);
         f.write(|c| reap_orphan(c, file)).unwrap();
+        assert!(
+            f.read().orphans.get(file).unwrap().is_some(),
+            "opened again meanwhile: kept"
+        );
+        f.write_closed(|c| reap_orphan(c, file)).unwrap();
         let r = f.read();
         assert_eq!(f.kind_of(get_attr(&r, file)), ErrorKind::NotFound);
         let deletes: Vec<_> = r.deletes.iter().unwrap().map(|e| e.unwrap().0.value()).collect();
@@ -1167,6 +1201,32 @@ mod tests {
         let gone = f.write(|c| commit_write(c, 999, &[piece(0, 77, 1)], 1, &AttrChanges::default(), CS));
         assert_eq!(f.kind_of(gone), ErrorKind::NotFound);
         assert!(f.read().deletes.get((1, 77)).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_copy_is_not_recorded_where_its_deletion_is_queued() {
+        let f = Fixture::new();
+        let file = f.mk(ROOT_INO, "f", FileKind::RegularFile);
+        f.write(|c| commit_write(c, file, &[piece(0, 10, 100)], 100, &AttrChanges::default(), CS))
+            .unwrap();
+        // Node 2 once held piece 10 and is to delete it (its copy was dropped while it was dead).
+        f.write(|c| c.deletes.insert((2, 10), ()).map(|_| ()).map_err(Into::into))
+            .unwrap();
+        let kept = f.write(|c| add_replica(c, file, 0, 10, 2, Some(1))).unwrap();
+        assert!(!kept, "a copy about to be deleted is not a copy");
+        let r = f.read();
+        assert_eq!(
+            chunk(&r, file, 0).unwrap().unwrap().nodes,
+            vec![1],
+            "the move did not drop the source"
+        );
+        assert!(r.node_pieces.get((2, 10)).unwrap().is_none());
+        assert!(r.deletes.get((2, 10)).unwrap().is_some(), "the queued deletion stays");
+        // Once the deletion is confirmed, a new copy there counts.
+        drop(r);
+        f.write(|c| ack_deletes(c, 2, &[10])).unwrap();
+        assert!(f.write(|c| add_replica(c, file, 0, 10, 2, Some(1))).unwrap());
+        assert_eq!(chunk(&f.read(), file, 0).unwrap().unwrap().nodes, vec![2]);
     }
 
     #[test]
@@ -1324,11 +1384,7 @@ mod tests {
             f.kind_of(f.write(|c| remove_xattr(c, file, b"user.a"))),
             ErrorKind::NoAttribute
         );
-        f.write(|c| {
-            unlink(c, ROOT_INO, b"f")?;
-            reap_orphan(c, file)
-        })
-        .unwrap();
+        f.write_closed(|c| unlink(c, ROOT_INO, b"f")).unwrap();
         let r = f.read();
         assert_eq!(r.xattrs.iter().unwrap().count(), 0, "attributes go with their inode");
     }

@@ -39,10 +39,11 @@ pub struct NodeState {
     pub was_up: bool,
 }
 
+/// An allocation not yet committed: the daemons expected to receive a copy, and the bytes
+/// each is expected to take.
 #[derive(Debug)]
 struct Pending {
-    node: NodeId,
-    bytes: u64,
+    copies: Vec<(NodeId, u64)>,
     since: Instant,
 }
 
@@ -345,8 +346,6 @@ impl Registry {
         })
     }
 
-    /// Records an allocation expected to take `bytes` once written (so that a burst of
-    /// allocations, e.g. the chunks of one large file, spreads before anything is committed).
     /// Whether some daemon is presumed up but has not reported since the metaserver started.
     pub fn awaiting_reports(&self, now: Instant) -> bool {
         self.nodes
@@ -354,31 +353,36 @@ impl Registry {
             .any(|n| n.last_seen.is_none() && n.presumed_up_until.is_some_and(|until| now < until))
     }
 
+    /// Counts a copy of `piece` expected to take `bytes` on `node` once written (one call per
+    /// copy of an allocation), so that a burst of allocations, e.g. the chunks of one large
+    /// file, spreads before anything is committed.
     pub fn note_pending(&mut self, piece: PieceId, node: NodeId, bytes: u64, now: Instant) {
+        let pending = self.pending.entry(piece).or_insert_with(|| Pending {
+            copies: Vec::new(),
+            since: now,
+        });
+        if pending.copies.iter().any(|&(n, _)| n == node) {
+            return;
+        }
+        pending.copies.push((node, bytes));
         if let Some(n) = self.nodes.get_mut(&node) {
             n.pending_pieces += 1;
             n.pending_bytes += bytes;
         }
-        self.pending.insert(
-            piece,
-            Pending {
-                node,
-                bytes,
-                since: now,
-            },
-        );
     }
 
     pub fn is_pending(&self, piece: PieceId) -> bool {
         self.pending.contains_key(&piece)
     }
 
+    /// Forgets an allocation on every daemon it counted on (committed, or given up).
     fn clear_pending(&mut self, piece: PieceId) {
-        if let Some(p) = self.pending.remove(&piece)
-            && let Some(n) = self.nodes.get_mut(&p.node)
-        {
-            n.pending_pieces = n.pending_pieces.saturating_sub(1);
-            n.pending_bytes = n.pending_bytes.saturating_sub(p.bytes);
+        let Some(p) = self.pending.remove(&piece) else { return };
+        for (node, bytes) in p.copies {
+            if let Some(n) = self.nodes.get_mut(&node) {
+                n.pending_pieces = n.pending_pieces.saturating_sub(1);
+                n.pending_bytes = n.pending_bytes.saturating_sub(bytes);
+            }
         }
     }
 
@@ -579,6 +583,29 @@ mod tests {
         assert!(r.is_up(1, now + Duration::from_secs(4)));
         assert!(!r.is_up(1, now + Duration::from_secs(11)));
         assert_eq!(r.report(now)[0].last_seen_ms, None, "never heard from is shown as such");
+    }
+
+    #[test]
+    fn pending_copies_of_one_piece_are_all_cleared_by_its_commit() {
+        let (mut r, now) = registry(3);
+        for node in [1, 2] {
+            r.note_pending(7, node, 8 << 20, now);
+        }
+        r.note_pending(8, 3, 8 << 20, now);
+        let pending = |r: &Registry, id| {
+            let n = r.node(id).unwrap();
+            (n.pending_pieces, n.pending_bytes)
+        };
+        assert_eq!(pending(&r, 1), (1, 8 << 20));
+        assert_eq!(pending(&r, 2), (1, 8 << 20));
+        // Committed with one of its two copies (the other failed): nothing is left pending.
+        commit(&mut r, 1, 7, 100);
+        assert_eq!(pending(&r, 1), (0, 0));
+        assert_eq!(pending(&r, 2), (0, 0));
+        assert_eq!(pending(&r, 3), (1, 8 << 20));
+        r.expire_pending(now + Duration::from_secs(601), Duration::from_secs(600));
+        assert_eq!(pending(&r, 3), (0, 0));
+        assert!(!r.is_pending(8));
     }
 
     #[test]

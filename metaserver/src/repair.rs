@@ -196,13 +196,15 @@ impl MetaService {
         let settings = self.settings.clone();
         let plan = self
             .read(move |r| {
+                let deletes = &r.deletes;
                 let mut planner = Planner::new(
                     views,
                     &busy,
                     settings.copies_per_node,
                     settings.balance_threshold_percent,
                     &corrupt_only,
-                );
+                )
+                .with_queued_deletes(|node, piece| deletes.get((node, piece)).is_ok_and(|row| row.is_some()));
                 let mut factor = (0, settings.replicas);
                 for item in r.chunks.iter()? {
                     let (key, value) = item?;

@@ -12,7 +12,7 @@ use redb::{Database, ReadableTable, ReadableTableMetadata};
 use tokio::sync::Notify;
 
 use crate::committer::Committer;
-use crate::db::{ReadCtx, WriteCtx};
+use crate::db::{Effects, ReadCtx, WriteCtx};
 use crate::error::{MetaError, Result};
 use crate::healer::HealerState;
 use crate::locks::ClusterLocks;
@@ -48,6 +48,8 @@ pub struct MetaService {
     committer: Committer,
     pub(crate) registry: Arc<Mutex<Registry>>,
     sessions: Arc<Mutex<Sessions>>,
+    /// Woken after every transaction: opens waiting for a deletion's outcome look again.
+    undoomed: Arc<Notify>,
     piece_ids: tokio::sync::Mutex<(PieceId, PieceId)>,
     inventories: Mutex<HashMap<NodeId, HashSet<PieceId>>>,
     reaper: Arc<Notify>,
@@ -115,23 +117,27 @@ impl MetaService {
             started,
         )));
         let reaper = Arc::new(Notify::new());
+        let undoomed = Arc::new(Notify::new());
         let committer = {
             let registry = registry.clone();
             let reaper = reaper.clone();
             let sessions = sessions.clone();
+            let sessions_done = sessions.clone();
+            let undoomed_done = undoomed.clone();
             Committer::start(
                 db.clone(),
-                move |effects| {
+                move |effects: Option<Effects>| {
+                    // Opens of inodes this transaction deleted may now look (and not find them).
+                    lock(&sessions_done).clear_doomed();
+                    undoomed_done.notify_waiters();
+                    let Some(effects) = effects else { return };
                     lock(&registry).apply(&effects);
                     if effects.orphaned {
                         reaper.notify_one();
                     }
                 },
                 // Just after a restart, open files are not known until mounts resume.
-                move |ino| {
-                    let sessions = lock(&sessions);
-                    sessions.settled(Instant::now()) && !sessions.is_open(ino)
-                },
+                move |ino| lock(&sessions).doom_if_closed(ino, Instant::now()),
             )
         };
         Ok(Arc::new(MetaService {
@@ -139,6 +145,7 @@ impl MetaService {
             committer,
             registry,
             sessions,
+            undoomed,
             piece_ids: tokio::sync::Mutex::new((limit, limit)),
             inventories: Mutex::new(HashMap::new()),
             reaper,
@@ -419,10 +426,29 @@ impl MetaService {
     }
 
     pub async fn open(&self, req: Open) -> Result<Opened> {
-        if !lock(&self.sessions).open(req.session, req.handle, req.ino, Instant::now()) {
-            return Err(stale_session(req.session));
-        }
         let ino = req.ino;
+        // An open must not slip between a transaction deciding to delete the inode (nothing had
+        // it open) and that transaction becoming durable: it would find the inode in the old
+        // snapshot, and its reads would then fail. It waits for the outcome instead.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let outcome = {
+                let mut sessions = lock(&self.sessions);
+                if sessions.is_doomed(ino) {
+                    Some(self.undoomed.notified())
+                } else if sessions.open(req.session, req.handle, ino, Instant::now()) {
+                    None
+                } else {
+                    return Err(stale_session(req.session));
+                }
+            };
+            let Some(undoomed) = outcome else { break };
+            if tokio::time::timeout_at(deadline, undoomed).await.is_err() {
+                return Err(MetaError::CommitFailed(format!(
+                    "inode {ino} is being deleted and the deletion did not complete"
+                )));
+            }
+        }
         let result = self
             .read(move |r| {
                 let attr = namespace::get_attr(r, ino)?;

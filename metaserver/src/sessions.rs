@@ -5,6 +5,11 @@
 //! a metaserver restart it knows which mounts must resume (re-declaring their open files) before
 //! anything unlinked may be deleted. Until they all have, or the session timeout has passed, the
 //! sessions are *unsettled*.
+//!
+//! Deciding to delete an inode and registering an open of it are serialised here: a transaction
+//! that decides to delete an unopened inode marks it *doomed* ([`Sessions::doom_if_closed`])
+//! until that transaction is durable (or failed), and an open of a doomed inode waits for that
+//! outcome ([`Sessions::is_doomed`]) instead of reading the snapshot from before the deletion.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -29,6 +34,8 @@ pub struct Sessions {
     /// Sessions alive before the metaserver started that have not resumed yet.
     awaiting: HashSet<SessionId>,
     started: Instant,
+    /// Inodes the transaction being committed deletes (no open may register meanwhile).
+    doomed: HashSet<Ino>,
 }
 
 /// What opening a session changed, for the persistent list of live sessions.
@@ -54,7 +61,29 @@ impl Sessions {
             timeout,
             awaiting,
             started: now,
+            doomed: HashSet::new(),
         }
+    }
+
+    /// Decides whether an inode that lost its last link may be deleted now: only once the
+    /// sessions are settled and nothing has it open. If so, it is doomed until
+    /// [`Sessions::clear_doomed`] (the deciding transaction is durable or failed).
+    pub fn doom_if_closed(&mut self, ino: Ino, now: Instant) -> bool {
+        if !self.settled(now) || self.is_open(ino) {
+            return false;
+        }
+        self.doomed.insert(ino);
+        true
+    }
+
+    /// Whether a transaction in progress deletes `ino`.
+    pub fn is_doomed(&self, ino: Ino) -> bool {
+        self.doomed.contains(&ino)
+    }
+
+    /// The transaction that doomed inodes is over (committed or failed).
+    pub fn clear_doomed(&mut self) {
+        self.doomed.clear();
     }
 
     /// Whether every mount that had files open before a restart has come back (or had its
@@ -218,6 +247,21 @@ mod tests {
         assert!(s.release(b, 1, now));
         assert!(!s.is_open(7));
         assert!(!s.open(12345, 1, 7, now));
+    }
+
+    #[test]
+    fn an_open_inode_is_never_doomed_and_a_doomed_one_is_visible_until_cleared() {
+        let now = Instant::now();
+        let mut s = Sessions::new(Duration::from_secs(10), HashSet::new(), now);
+        let a = s.open_session("a".into(), None, &[], now).session;
+        s.open(a, 1, 7, now);
+        assert!(!s.doom_if_closed(7, now), "open somewhere: kept as an orphan");
+        assert!(s.doom_if_closed(8, now));
+        assert!(s.is_doomed(8) && !s.is_doomed(7));
+        s.clear_doomed();
+        assert!(!s.is_doomed(8));
+        let mut unsettled = Sessions::new(Duration::from_secs(10), HashSet::from([3]), now);
+        assert!(!unsettled.doom_if_closed(8, now), "mounts may still re-declare it open");
     }
 
     #[test]

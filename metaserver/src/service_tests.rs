@@ -1,0 +1,127 @@
+//! Tests of the request handlers with the real committer and database (no sockets), for
+//! interleavings of concurrent requests that the namespace functions alone cannot show.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dfs_proto::ErrorKind;
+use dfs_proto::meta::{Open, OpenSession, Unlink};
+use dfs_proto::types::{Ino, ROOT_INO, SessionId};
+
+use crate::namespace;
+use crate::service::{MetaService, Settings};
+
+pub(crate) struct Fixture {
+    _dir: tempfile::TempDir,
+    pub svc: Arc<MetaService>,
+}
+
+pub(crate) fn settings() -> Settings {
+    Settings {
+        chunk_size: 1 << 20,
+        heartbeat_timeout: Duration::from_secs(5),
+        session_timeout: Duration::from_secs(30),
+        orphan_piece_grace: Duration::from_secs(3600),
+        replicas: 1,
+        dead_after: Duration::from_secs(600),
+        balance_threshold_percent: 10,
+        copies_per_node: 4,
+    }
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::open(&dir.path().join("meta.redb"), 1 << 20).unwrap();
+        let svc = MetaService::start(Arc::new(db), dir.path().to_owned(), settings()).unwrap();
+        Fixture { _dir: dir, svc }
+    }
+
+    pub async fn session(&self) -> SessionId {
+        self.svc
+            .open_session(OpenSession {
+                client: "test".into(),
+                resume: None,
+                open_files: vec![],
+                locks: vec![],
+            })
+            .await
+            .unwrap()
+            .session
+    }
+
+    pub async fn file(&self, name: &str) -> Ino {
+        let name = name.as_bytes().to_vec();
+        self.svc
+            .write(move |ctx| namespace::create_file(ctx, ROOT_INO, &name, 0o644, 0, 0, true))
+            .await
+            .unwrap()
+            .0
+            .ino
+    }
+
+    /// Holds the commit thread inside a transaction until the returned sender is used (or
+    /// dropped); what is queued meanwhile forms the next transaction.
+    pub fn hold_committer(&self) -> std::sync::mpsc::Sender<()> {
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let svc = self.svc.clone();
+        tokio::spawn(async move {
+            svc.write(move |_| {
+                let _ = wait.recv();
+                Ok(())
+            })
+            .await
+        });
+        release
+    }
+}
+
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// An unlink decides, inside its transaction, that nothing has the file open and deletes it.
+/// An open arriving before that transaction is durable must not succeed from the old snapshot
+/// (its reads would then find the data gone): it waits, and finds the file deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_racing_an_unlink_that_deletes_the_file_does_not_succeed() {
+    let f = Fixture::new();
+    let session = f.session().await;
+    let ino = f.file("victim").await;
+    let first = f.hold_committer();
+    settle().await;
+    // Queued behind the held transaction: the unlink, then a second hold in the same batch.
+    let svc = f.svc.clone();
+    let unlink = tokio::spawn(async move {
+        svc.unlink(Unlink {
+            parent: ROOT_INO,
+            name: b"victim".to_vec(),
+        })
+        .await
+    });
+    settle().await;
+    let second = f.hold_committer();
+    settle().await;
+    first.send(()).unwrap();
+    settle().await;
+    // The unlink has run inside the second transaction (not yet committed): open now.
+    let svc = f.svc.clone();
+    let open = tokio::spawn(async move {
+        svc.open(Open {
+            ino,
+            session,
+            handle: 1,
+        })
+        .await
+    });
+    settle().await;
+    assert!(
+        !open.is_finished(),
+        "the open answered before the deletion was durable: {:?}",
+        open.await.unwrap().map(|o| o.attr)
+    );
+    second.send(()).unwrap();
+    unlink.await.unwrap().unwrap();
+    let opened = open.await.unwrap();
+    assert_eq!(opened.err().map(|e| e.kind()), Some(ErrorKind::NotFound));
+}
