@@ -1,0 +1,368 @@
+//! Tests of the piece store over real directories.
+
+use super::*;
+
+fn max_entries(dir: &Path) -> usize {
+    let mut max = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let entries: Vec<_> = fs::read_dir(&d).unwrap().map(|e| e.unwrap()).collect();
+        max = max.max(entries.len());
+        for e in entries {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    max
+}
+
+#[test]
+fn write_read_delete_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+    let mut w = store.begin_write(42, None).unwrap();
+    w.write_at(0, b"hello ").unwrap();
+    w.write_at(6, b"world").unwrap();
+    assert_eq!(w.commit().unwrap(), 11);
+    let mut buf = [0u8; 32];
+    let n = store.read(42, 6, &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"world");
+    assert_eq!(store.usage().pieces, 1);
+    assert_eq!(store.usage().bytes, 11);
+    assert!(store.delete(42).unwrap());
+    assert!(!store.delete(42).unwrap());
+    assert!(matches!(
+        store.read(42, 0, &mut buf),
+        Err(StoreError::NotFound { piece: 42 })
+    ));
+    assert_eq!(store.usage().pieces, 0);
+    // Deleting the only piece pruned its directories.
+    assert_eq!(fs::read_dir(store.layout().pieces_dir()).unwrap().count(), 0);
+}
+
+#[test]
+fn copy_on_write_from_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+    let mut w = store.begin_write(1, None).unwrap();
+    w.write_at(0, b"abcdefgh").unwrap();
+    w.commit().unwrap();
+    let mut w = store.begin_write(2, Some(BasePiece { piece: 1, len: 6 })).unwrap();
+    w.write_at(2, b"XY").unwrap();
+    assert_eq!(w.commit().unwrap(), 6);
+    let mut buf = [0u8; 16];
+    let n = store.read(2, 0, &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"abXYef");
+}
+
+#[test]
+fn uncommitted_write_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+    let mut w = store.begin_write(9, None).unwrap();
+    w.write_at(0, b"lost").unwrap();
+    drop(w);
+    assert_eq!(fs::read_dir(store.layout().tmp_dir()).unwrap().count(), 0);
+    assert!(store.inventory().unwrap().is_empty());
+    assert_eq!(crate::layout::LOCK_FILE, "lock");
+    let names: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 3, "only pieces/, tmp/ and the lock file: {names:?}");
+}
+
+#[test]
+fn thousands_of_pieces_keep_directories_small_and_are_counted_again_on_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+        for id in (0..3000u64).map(|i| i * 7 + 1) {
+            let mut w = store.begin_write(id, None).unwrap();
+            w.write_at(0, &id.to_le_bytes()).unwrap();
+            w.commit().unwrap();
+        }
+        for id in (0..3000u64).filter(|i| i % 3 == 0).map(|i| i * 7 + 1) {
+            store.delete(id).unwrap();
+        }
+        assert!(max_entries(dir.path()) <= 36);
+    }
+    let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+    assert_eq!(store.usage().pieces, 2000);
+    assert_eq!(store.usage().bytes, 2000 * 8);
+    let inv = store.inventory().unwrap();
+    assert_eq!(inv.len(), 2000);
+    assert_eq!(inv[0].piece, 8);
+}
+
+#[test]
+fn named_temporary_files_work_where_o_tmpfile_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(PieceStore::open_with(dir.path(), 36, 0, false).unwrap());
+    assert!(!store.unnamed_temps);
+    let mut w = store.begin_write(5, None).unwrap();
+    w.write_at(0, b"named").unwrap();
+    assert_eq!(count_entries(&store.layout().tmp_dir()), 1);
+    w.commit().unwrap();
+    assert_eq!(count_entries(&store.layout().tmp_dir()), 0, "temporaries are pruned");
+    let mut buf = [0u8; 8];
+    let n = store.read(5, 0, &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"named");
+    let mut w = store.begin_write(6, None).unwrap();
+    w.write_at(0, b"abandoned").unwrap();
+    drop(w);
+    assert_eq!(count_entries(&store.layout().tmp_dir()), 0);
+}
+
+/// Files (not directories) anywhere under `dir`.
+fn count_entries(dir: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+#[test]
+fn second_daemon_on_same_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _a = PieceStore::open(dir.path(), 36, 0).unwrap();
+    assert!(matches!(
+        PieceStore::open(dir.path(), 36, 0),
+        Err(StoreError::Locked { .. })
+    ));
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(31).wrapping_add(seed as u32) as u8)
+        .collect()
+}
+
+fn store_with(dir: &Path, piece: PieceId, data: &[u8]) -> Arc<PieceStore> {
+    let store = Arc::new(PieceStore::open(dir, 36, 0).unwrap());
+    put(&store, piece, data);
+    store
+}
+
+fn put(store: &Arc<PieceStore>, piece: PieceId, data: &[u8]) {
+    let mut w = store.begin_write(piece, None).unwrap();
+    w.write_at(0, data).unwrap();
+    assert_eq!(w.commit().unwrap(), data.len() as u64);
+}
+
+/// XORs one byte of a piece file at `offset` (from the end when negative).
+fn flip_byte(store: &PieceStore, piece: PieceId, offset: i64) {
+    let path = store.layout().piece_path(piece);
+    let f = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let at = if offset < 0 {
+        f.metadata().unwrap().len() - offset.unsigned_abs()
+    } else {
+        offset as u64
+    };
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
+}
+
+const B: usize = BLOCK_SIZE as usize;
+
+#[test]
+fn lengths_are_data_lengths() {
+    let dir = tempfile::tempdir().unwrap();
+    let len = 2 * B + 123;
+    let store = store_with(dir.path(), 7, &pattern(len, 1));
+    let file_size = fs::metadata(store.layout().piece_path(7)).unwrap().len();
+    assert_eq!(file_size, piece_format::file_len(len as u64));
+    assert!(file_size > len as u64);
+    assert_eq!(store.piece_len(7).unwrap(), len as u64);
+    assert_eq!(store.usage().bytes, len as u64);
+    assert_eq!(store.inventory().unwrap()[0].len, len as u64);
+    // Rewriting the same piece replaces its bytes in the count; reopening counts the same.
+    put(&store, 7, &pattern(10, 2));
+    assert_eq!((store.usage().pieces, store.usage().bytes), (1, 10));
+    drop(store);
+    let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+    assert_eq!((store.usage().pieces, store.usage().bytes), (1, 10));
+    assert!(store.delete(7).unwrap());
+    assert_eq!((store.usage().pieces, store.usage().bytes), (0, 0));
+    // An empty piece is a piece of 0 bytes.
+    put(&store, 8, b"");
+    assert_eq!(store.piece_len(8).unwrap(), 0);
+    assert_eq!(store.read(8, 0, &mut [0u8; 4]).unwrap(), 0);
+}
+
+#[test]
+fn out_of_order_segments_read_back_over_any_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+    let data = pattern(3 * B + 500, 3);
+    let mut w = store.begin_write(1, None).unwrap();
+    // Back to front, in uneven segments straddling block boundaries.
+    let cuts = [0, 1000, B + 7, 2 * B, 3 * B + 1, data.len()];
+    for pair in cuts.windows(2).rev() {
+        w.write_at(pair[0] as u64, &data[pair[0]..pair[1]]).unwrap();
+    }
+    assert_eq!(w.commit().unwrap(), data.len() as u64);
+    let reader = store.open_reader(1).unwrap();
+    for (offset, len) in [
+        (0, data.len()),
+        (0, B),
+        (1, B),
+        (B - 1, 2),
+        (B, 2 * B),
+        (100, 3 * B),
+        (3 * B, 500),
+        (3 * B + 499, 10),
+        (data.len() - 1, 1),
+        (7, 5),
+    ] {
+        let mut buf = vec![0u8; len];
+        let n = reader.read(offset as u64, &mut buf).unwrap();
+        let end = (offset + len).min(data.len());
+        assert_eq!(n, end - offset, "read {offset}+{len}");
+        assert_eq!(&buf[..n], &data[offset..end], "read {offset}+{len}");
+    }
+    assert_eq!(reader.read(data.len() as u64, &mut [0u8; 8]).unwrap(), 0);
+    assert_eq!(reader.read(u64::MAX, &mut [0u8; 8]).unwrap(), 0);
+    assert!(store.take_corrupt().is_empty());
+}
+
+#[test]
+fn damaged_data_byte_is_detected_on_read_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(3 * B, 4);
+    let store = store_with(dir.path(), 11, &data);
+    flip_byte(&store, 11, (B + 10) as i64);
+    let mut buf = vec![0u8; 100];
+    // Blocks the read does not touch still read fine.
+    assert_eq!(store.read(11, 0, &mut buf).unwrap(), 100);
+    assert_eq!(store.read(11, 2 * B as u64, &mut buf).unwrap(), 100);
+    assert!(store.take_corrupt().is_empty());
+    // Any read touching block 1 fails, even one not covering the damaged byte.
+    let err = store.read(11, B as u64 - 50, &mut buf).unwrap_err();
+    match &err {
+        StoreError::Corrupt {
+            piece: 11,
+            offset,
+            reason: FormatError::BlockChecksum { block: 1, .. },
+            ..
+        } => assert_eq!(*offset, B as u64),
+        other => panic!("expected corruption in block 1, got {other:?}"),
+    }
+    assert_eq!(err.to_remote().kind, WireKind::Corrupt);
+    assert!(matches!(
+        store.read(11, 2 * B as u64 - 1, &mut buf),
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert_eq!(store.take_corrupt(), vec![11], "reported once");
+    assert!(store.take_corrupt().is_empty());
+    // Checking without reporting (the copier, about to replace it) sees it too.
+    assert!(matches!(store.verified_len(11), Err(StoreError::Corrupt { .. })));
+    assert!(store.take_corrupt().is_empty());
+    // A fresh copy replaces it.
+    store.read(11, B as u64, &mut buf).unwrap_err();
+    put(&store, 11, &data);
+    assert!(store.take_corrupt().is_empty(), "the damaged copy is gone");
+    assert_eq!(store.verified_len(11).unwrap(), data.len() as u64);
+}
+
+#[test]
+fn garbled_or_missing_trailer_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(B + 10, 5);
+    let store = store_with(dir.path(), 1, &data);
+    put(&store, 2, &data);
+    put(&store, 3, &data);
+    put(&store, 4, &data);
+    flip_byte(&store, 1, -1); // footer checksum
+    flip_byte(&store, 2, -20); // footer data length
+    flip_byte(&store, 3, data.len() as i64); // crc of block 0
+    // Piece 4 loses its trailer altogether.
+    let f = OpenOptions::new()
+        .write(true)
+        .open(store.layout().piece_path(4))
+        .unwrap();
+    f.set_len(data.len() as u64).unwrap();
+    let mut buf = [0u8; 16];
+    for piece in 1..=4 {
+        assert!(
+            matches!(store.read(piece, 0, &mut buf), Err(StoreError::Corrupt { piece: p, .. }) if p == piece),
+            "piece {piece}"
+        );
+    }
+    assert!(matches!(store.piece_len(1), Err(StoreError::Corrupt { .. })));
+    assert_eq!(store.take_corrupt(), vec![1, 2, 3, 4]);
+    // Damaged files still list, and deleting them keeps the counts right (counted afresh:
+    // truncating a file behind the store's back changes what it counts for).
+    drop(store);
+    let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+    assert_eq!(store.inventory().unwrap().len(), 4);
+    for piece in 1..=4 {
+        assert!(store.delete(piece).unwrap());
+    }
+    assert_eq!((store.usage().pieces, store.usage().bytes), (0, 0));
+}
+
+#[test]
+fn copy_from_base_verifies_what_it_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(3 * B, 6);
+    let store = store_with(dir.path(), 1, &data);
+    // Copying the first block and part of the second, with a new last byte.
+    let mut w = store
+        .begin_write(
+            2,
+            Some(BasePiece {
+                piece: 1,
+                len: B as u64 + 9,
+            }),
+        )
+        .unwrap();
+    w.write_at(B as u64 + 9, b"!").unwrap();
+    assert_eq!(w.commit().unwrap(), B as u64 + 10);
+    let mut buf = vec![0u8; 2 * B];
+    let n = store.read(2, 0, &mut buf).unwrap();
+    assert_eq!(&buf[..n - 1], &data[..B + 9]);
+    assert_eq!(buf[n - 1], b'!');
+    // A base with damage in a block the copy reads (block 1, past the copied bytes but in
+    // the block they end in) fails the write and is reported.
+    flip_byte(&store, 1, (B + 100) as i64);
+    let result = store.begin_write(
+        3,
+        Some(BasePiece {
+            piece: 1,
+            len: B as u64 + 9,
+        }),
+    );
+    assert!(matches!(result, Err(StoreError::Corrupt { piece: 1, .. })));
+    assert_eq!(store.take_corrupt(), vec![1]);
+    assert!(matches!(store.read(3, 0, &mut buf), Err(StoreError::NotFound { .. })));
+    // Damage beyond the copied range does not matter to the copy.
+    let mut w = store.begin_write(4, Some(BasePiece { piece: 1, len: 100 })).unwrap();
+    w.write_at(0, b"x").unwrap();
+    assert_eq!(w.commit().unwrap(), 100);
+    // A base with a garbled trailer cannot be copied at all.
+    flip_byte(&store, 2, -3);
+    assert!(matches!(
+        store.begin_write(5, Some(BasePiece { piece: 2, len: 10 })),
+        Err(StoreError::Corrupt { piece: 2, .. })
+    ));
+}
+
+#[test]
+fn capacity_limit_gives_no_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(PieceStore::open(dir.path(), 36, 10).unwrap());
+    let mut w = store.begin_write(1, None).unwrap();
+    assert!(matches!(w.write_at(0, &[0u8; 11]), Err(StoreError::NoSpace { .. })));
+}
