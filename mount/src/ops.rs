@@ -868,6 +868,7 @@ impl Mount {
             }
         };
         let mut exclude = Vec::new();
+        let mut base_lookups = 0;
         let streams = loop {
             let (streams, errors) = self.start_copies(&alloc).await;
             for e in &errors {
@@ -883,6 +884,17 @@ impl Mount {
                     );
                 }
                 break streams;
+            }
+            // The base named by the allocation is gone from every daemon offered (moved, or
+            // rewritten by another mount since): ask where the chunk lives now.
+            let base_gone = alloc.base.is_some()
+                && !errors.is_empty()
+                && errors.iter().all(|e| e.remote_kind() == Some(ErrorKind::NotFound));
+            if base_gone && base_lookups < 3 {
+                base_lookups += 1;
+                tracing::info!("inode {ino}: chunk {chunk} moved since it was located; locating it again");
+                alloc = self.allocate(ino, chunk, exclude.clone()).await?;
+                continue;
             }
             let unavailable = errors.iter().all(|e| e.is_unavailable());
             if unavailable && alloc.base.is_none() && exclude.len() < 6 {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dfs_proto::frame;
 use dfs_proto::meta::BasePiece;
-use dfs_proto::storage::{PieceWritten, SegmentHeader, WritePiece};
+use dfs_proto::storage::{BaseOpened, PieceWritten, SegmentHeader, WritePiece};
 use dfs_proto::types::{NodeAddr, NodeId, PieceId};
 use dfs_proto::{Call, Peer, PeerMap, RemoteError, RpcError};
 use quinn::{Endpoint, RecvStream, SendStream};
@@ -97,6 +97,29 @@ impl StoragePool {
                     call: WritePiece::NAME,
                     timeout,
                 });
+            }
+        }
+        let mut recv = recv;
+        if let Some(base) = base {
+            // The daemon answers once it holds the base open (or why it cannot): a base deleted
+            // since the allocation is found now, while the write can still be placed again.
+            let opened = tokio::time::timeout(
+                timeout,
+                frame::read_frame::<_, Result<BaseOpened, RemoteError>>(&mut recv),
+            )
+            .await;
+            match opened {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err(e))) => return Err(peer.remote(e)),
+                Ok(Err(e)) => return Err(peer.frame_error(WritePiece::NAME, e)),
+                Err(_) => {
+                    tracing::debug!("piece {piece}: base {} not confirmed open in time", base.piece);
+                    return Err(RpcError::Timeout {
+                        peer: peer.to_string(),
+                        call: WritePiece::NAME,
+                        timeout,
+                    });
+                }
             }
         }
         Ok(PieceStream {

@@ -18,11 +18,22 @@ service! {
 
 /// Writes a new piece. The request frame is followed by segments (a [`SegmentHeader`] then
 /// `len` raw bytes), then the end of the stream; the reply comes once the piece is durable.
+///
+/// With a `base`, the daemon first opens it and answers a `Result<BaseOpened, RemoteError>`
+/// frame before it reads any segment: the writer learns at once that the base is there (and
+/// stays readable to this write whatever happens to it later), or why not, in which case that
+/// error is the only answer.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct WritePiece {
     pub piece: PieceId,
     /// Start from a copy of this piece's first `len` bytes (a rewrite of an existing chunk).
     pub base: Option<BasePiece>,
+}
+
+/// The base of a [`WritePiece`] is open: the new piece will start with its `len` bytes.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BaseOpened {
+    pub len: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy)]

@@ -5,9 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dfs_proto::frame;
 use dfs_proto::server::{next_request, reply};
 use dfs_proto::storage::Ping;
-use dfs_proto::storage::{MAX_READ, PieceWritten, ReadPiece, ReadReply, SegmentHeader, StorageRequest, WritePiece};
+use dfs_proto::storage::{
+    BaseOpened, MAX_READ, PieceWritten, ReadPiece, ReadReply, SegmentHeader, StorageRequest, WritePiece,
+};
 use dfs_proto::{ErrorKind, RemoteError};
 use quinn::{Endpoint, RecvStream, SendStream, VarInt};
 use tokio::task::{JoinHandle, spawn_blocking};
@@ -38,7 +41,7 @@ async fn handle_stream(store: Arc<PieceStore>, mut send: SendStream, mut recv: R
     let sent = match request {
         StorageRequest::WritePiece(w) => {
             let piece = w.piece;
-            let result = receive_piece(store, w, &mut recv).await;
+            let result = receive_piece(store, w, &mut send, &mut recv).await;
             if let Err(e) = &result {
                 tracing::warn!("write of piece {piece} from {remote} failed: {}", e.message);
             }
@@ -94,9 +97,29 @@ const GATHER_LIMIT: usize = 256 << 10;
 async fn receive_piece(
     store: Arc<PieceStore>,
     req: WritePiece,
+    send: &mut SendStream,
     recv: &mut RecvStream,
 ) -> Result<PieceWritten, RemoteError> {
     let piece = req.piece;
+    // The base is opened before any data is taken: from here on its bytes are this write's,
+    // even if the base is deleted before the stream ends.
+    let mut base = match req.base {
+        Some(b) => {
+            let s = store.clone();
+            let opened = spawn_blocking(move || s.open_base(b))
+                .await
+                .map_err(join_error)?
+                .map_err(|e| RemoteError::new(e.to_remote().kind, format!("base of piece {piece}: {e}")))?;
+            let ready: Result<BaseOpened, RemoteError> = Ok(BaseOpened { len: opened.len() });
+            match tokio::time::timeout(SEGMENT_TIMEOUT, frame::write_frame(send, &ready)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(protocol_error(piece, format!("cannot answer: {e}"))),
+                Err(_) => return Err(protocol_error(piece, "client stopped reading")),
+            }
+            Some(opened)
+        }
+        None => None,
+    };
     let mut gathered: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut gathered_bytes = 0usize;
     // Once streaming, the writer travels through the blocking pool: the task writing the last
@@ -120,9 +143,9 @@ async fn receive_piece(
             }
             // Too big to gather: start the piece with what came so far, then stream the rest.
             streaming = true;
-            let (s, base, pending) = (store.clone(), req.base, std::mem::take(&mut gathered));
+            let (s, base, pending) = (store.clone(), base.take(), std::mem::take(&mut gathered));
             busy = Some(spawn_blocking(move || {
-                let mut writer = s.begin_write(piece, base)?;
+                let mut writer = s.begin_write_from(piece, base)?;
                 for (offset, data) in pending {
                     writer.write_at(offset, &data)?;
                 }
@@ -141,9 +164,8 @@ async fn receive_piece(
         let writer = settle(busy.take()).await?;
         spawn_blocking(move || writer.commit()).await
     } else {
-        let base = req.base;
         spawn_blocking(move || {
-            let mut writer = store.begin_write(piece, base)?;
+            let mut writer = store.begin_write_from(piece, base)?;
             for (offset, data) in gathered {
                 writer.write_at(offset, &data)?;
             }

@@ -34,7 +34,7 @@ mod reader;
 mod writer;
 
 pub use reader::PieceReader;
-pub use writer::PieceWriter;
+pub use writer::{OpenBase, PieceWriter};
 use writer::{Temp, open_unnamed, probe_unnamed_temps};
 
 /// Reads and copies move this much at a time (a whole number of checksum blocks).
@@ -210,8 +210,36 @@ impl PieceStore {
         }
     }
 
+    /// Opens the base of a copy-on-write, so that its bytes outlive a deletion of the base
+    /// before the new piece is complete. A base that is not here is remembered as missing
+    /// (reported to the metaserver, which checks whether this daemon should have it).
+    pub fn open_base(&self, base: BasePiece) -> Result<OpenBase, StoreError> {
+        if base.len > dfs_proto::storage::MAX_PIECE_SIZE {
+            return Err(StoreError::Io {
+                op: "copy base of",
+                path: self.layout.piece_path(base.piece),
+                source: io::Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("base length {} is beyond any piece", base.len),
+                ),
+            });
+        }
+        let reader = self.open_reader(base.piece)?;
+        Ok(OpenBase { base, reader })
+    }
+
     /// Starts writing a new piece, optionally as a copy of an existing one.
     pub fn begin_write(self: &Arc<Self>, piece: PieceId, base: Option<BasePiece>) -> Result<PieceWriter, StoreError> {
+        let base = base.map(|b| self.open_base(b)).transpose()?;
+        self.begin_write_from(piece, base)
+    }
+
+    /// Starts writing a new piece, optionally as a copy of a base opened beforehand.
+    pub fn begin_write_from(
+        self: &Arc<Self>,
+        piece: PieceId,
+        base: Option<OpenBase>,
+    ) -> Result<PieceWriter, StoreError> {
         let (file, temp) = if self.unnamed_temps {
             let root = self.layout.root();
             (

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use dfs_common::Config;
 use dfs_proto::meta::ClusterReport;
-use dfs_tests::{Cluster, Options, bin, cmp, locate, run, wait_until};
+use dfs_tests::{Cluster, Options, bin, cmp, drop_caches, locate, run, wait_until, write_file};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -53,26 +53,6 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
-}
-
-/// Writes a whole file and closes it, reporting an error from `close()` too (`fs::write`
-/// ignores it, and `close()` is where a distributed file system reports a failed commit).
-fn write_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::fd::IntoRawFd;
-    let mut f = fs::File::create(path)?;
-    f.write_all(data)?;
-    let fd = f.into_raw_fd();
-    // SAFETY: closing the descriptor we own, once.
-    if unsafe { libc::close(fd) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Drops the kernel's page cache so reads go to the storage daemons.
-fn drop_caches() {
-    let _ = fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
 fn healthy(r: &ClusterReport, replicas: u64) -> bool {

@@ -517,3 +517,28 @@ pub fn write_both(mounted: &File, model: &File, offset: u64, data: &[u8]) {
     mounted.write_all_at(data, offset).expect("write on the mount");
     model.write_all_at(data, offset).expect("write to the model");
 }
+
+/// Closes `file`, returning the error `close()` reports (dropping a `File` ignores it, and
+/// `close()` is where a distributed file system reports a failed commit).
+pub fn close(file: File) -> std::io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    let fd = file.into_raw_fd();
+    // SAFETY: closing the descriptor we own, once.
+    if unsafe { libc::close(fd) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Writes a whole file and closes it, reporting an error from `close()` too (`fs::write`
+/// ignores it).
+pub fn write_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut f = File::create(path)?;
+    f.write_all(data)?;
+    close(f)
+}
+
+/// Drops the kernel's page cache, so reads go to the storage daemons.
+pub fn drop_caches() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}

@@ -21,6 +21,27 @@ pub(super) enum Temp {
     Named(PathBuf),
 }
 
+/// The piece a copy-on-write starts from, opened (its trailer checked) when the write starts.
+/// Held open, its bytes stay readable whatever happens to its name meanwhile: a move, a trim
+/// or another writer's commit may delete the base while the new piece's data is still coming.
+/// Its blocks are verified as they are copied: a damaged base fails the write (and is
+/// reported) rather than being blessed with fresh checksums.
+pub struct OpenBase {
+    pub(super) base: BasePiece,
+    pub(super) reader: super::PieceReader,
+}
+
+impl OpenBase {
+    /// Bytes of the base the new piece starts with.
+    pub fn len(&self) -> u64 {
+        self.base.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.base.len == 0
+    }
+}
+
 /// A piece being written into a temporary file; discarded unless committed.
 pub struct PieceWriter {
     pub(super) store: Arc<PieceStore>,
@@ -32,20 +53,8 @@ pub struct PieceWriter {
 }
 
 impl PieceWriter {
-    pub(super) fn copy_base(&mut self, base: BasePiece) -> Result<(), StoreError> {
-        if base.len > dfs_proto::storage::MAX_PIECE_SIZE {
-            return Err(StoreError::Io {
-                op: "copy base of",
-                path: self.store.layout.piece_path(self.piece),
-                source: io::Error::new(
-                    ErrorKind::InvalidInput,
-                    format!("base length {} is beyond any piece", base.len),
-                ),
-            });
-        }
-        // Verified as it is copied: a damaged base fails this write (and is reported) rather
-        // than being blessed with fresh checksums.
-        let src = self.store.open_reader(base.piece)?;
+    pub(super) fn copy_base(&mut self, base: OpenBase) -> Result<(), StoreError> {
+        let OpenBase { base, reader: src } = base;
         let available = src.len();
         let want = base.len.min(available);
         if want < base.len {
