@@ -126,13 +126,19 @@ impl Peer {
 
     /// The live connection, connecting first if there is none.
     pub async fn connection(&self) -> Result<Connection, RpcError> {
+        Ok(self.connection_and_age().await?.0)
+    }
+
+    /// The live connection, and whether it was made by this call (false: an existing one,
+    /// which may turn out to be stale, e.g. to a daemon that restarted a moment ago).
+    async fn connection_and_age(&self) -> Result<(Connection, bool), RpcError> {
         let mut guard = tokio::time::timeout(self.connect_timeout, self.conn.lock())
             .await
             .map_err(|_| self.unreachable("timed out waiting for another connection attempt"))?;
         if let Some(conn) = guard.as_ref()
             && conn.close_reason().is_none()
         {
-            return Ok(conn.clone());
+            return Ok((conn.clone(), false));
         }
         *guard = None;
         let addr = tokio::time::timeout(self.connect_timeout, self.resolve())
@@ -147,7 +153,7 @@ impl Peer {
             .map_err(|_| self.unreachable(format!("no handshake within {:?}", self.connect_timeout)))?
             .map_err(|e| self.unreachable(e))?;
         *guard = Some(conn.clone());
-        Ok(conn)
+        Ok((conn, true))
     }
 
     /// Drops the cached connection if it is `conn` (after a failure on it).
@@ -164,9 +170,19 @@ impl Peer {
         call: &'static str,
         timeout: Duration,
     ) -> Result<(Connection, SendStream, RecvStream), RpcError> {
-        let conn = self.connection().await?;
+        let (conn, send, recv, _) = self.open_stream_and_age(call, timeout).await?;
+        Ok((conn, send, recv))
+    }
+
+    /// [`Peer::open_stream`], also saying whether the connection is new.
+    async fn open_stream_and_age(
+        &self,
+        call: &'static str,
+        timeout: Duration,
+    ) -> Result<(Connection, SendStream, RecvStream, bool), RpcError> {
+        let (conn, fresh) = self.connection_and_age().await?;
         match tokio::time::timeout(timeout, conn.open_bi()).await {
-            Ok(Ok((send, recv))) => Ok((conn, send, recv)),
+            Ok(Ok((send, recv))) => Ok((conn, send, recv, fresh)),
             Ok(Err(e)) => {
                 self.forget(&conn).await;
                 Err(self.transport(call, e))
@@ -290,9 +306,37 @@ impl Peer {
         out: &mut Vec<u8>,
         timeout: Duration,
     ) -> Result<usize, RpcError> {
+        let mark = out.len();
+        loop {
+            let (result, reused) = self.read_piece_once(piece, offset, len, out, timeout).await;
+            match result {
+                // A connection kept from before may be to a daemon that restarted since (the
+                // keep-alive finds out within a second): a read is safe to ask again, once.
+                Err(e) if reused && matches!(e, RpcError::Transport { .. } | RpcError::Unreachable { .. }) => {
+                    tracing::debug!("{self}: read of piece {piece} on a stale connection ({e}); reconnecting");
+                    out.truncate(mark);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One attempt of [`Peer::read_piece`]; also says whether it used an existing connection
+    /// (which it then forgot if it failed).
+    async fn read_piece_once(
+        &self,
+        piece: crate::types::PieceId,
+        offset: u64,
+        len: u32,
+        out: &mut Vec<u8>,
+        timeout: Duration,
+    ) -> (Result<usize, RpcError>, bool) {
         use crate::storage::{ReadPiece, ReadReply};
         const NAME: &str = ReadPiece::NAME;
-        let (conn, mut send, mut recv) = self.open_stream(NAME, timeout).await?;
+        let (conn, mut send, mut recv, fresh) = match self.open_stream_and_age(NAME, timeout).await {
+            Ok(opened) => opened,
+            Err(e) => return (Err(e), false),
+        };
         let result = async {
             let request = ReadPiece { piece, offset, len };
             frame::write_frame(&mut send, &request.into_envelope())
@@ -326,6 +370,6 @@ impl Peer {
         if result.as_ref().is_err_and(|e| e.is_unavailable()) {
             self.forget(&conn).await;
         }
-        result
+        (result, !fresh)
     }
 }

@@ -17,6 +17,68 @@ use std::path::{Path, PathBuf};
 pub const PIECES_DIR: &str = "pieces";
 pub const TMP_DIR: &str = "tmp";
 pub const LOCK_FILE: &str = "lock";
+/// Records how the data directory is laid out: read with another fanout, every piece would
+/// be looked for under another name (piece 36's file is piece 16's path at fanout 16).
+pub const MARKER_FILE: &str = "layout";
+/// Layout format written into new data directories.
+pub const DIR_FORMAT: u32 = 2;
+/// A marker longer than this is not one.
+const MAX_MARKER_LEN: usize = 4096;
+
+/// The contents of a data directory's layout marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Marker {
+    pub format: u32,
+    pub fanout: u32,
+}
+
+impl Marker {
+    pub fn encode(&self) -> String {
+        format!(
+            "# dfs-storaged data directory: how its pieces are laid out. Do not edit.\nformat {}\nfanout {}\n",
+            self.format, self.fanout
+        )
+    }
+
+    /// Parses a marker; the error says what is wrong with it.
+    pub fn decode(text: &[u8]) -> Result<Marker, String> {
+        if text.len() > MAX_MARKER_LEN {
+            return Err(format!("{} bytes, more than any layout marker", text.len()));
+        }
+        let text = std::str::from_utf8(text).map_err(|_| "not text".to_owned())?;
+        let (mut format, mut fanout) = (None, None);
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let (key, value) = line.split_once(' ').ok_or_else(|| format!("malformed line {line:?}"))?;
+            let value: u32 = value
+                .trim()
+                .parse()
+                .map_err(|_| format!("{key}: {value:?} is not a number"))?;
+            match key {
+                "format" => format = Some(value),
+                "fanout" => fanout = Some(value),
+                other => return Err(format!("unknown setting {other:?}")),
+            }
+        }
+        let marker = Marker {
+            format: format.ok_or("no format")?,
+            fanout: fanout.ok_or("no fanout")?,
+        };
+        if marker.format == 0 || marker.format > DIR_FORMAT {
+            return Err(format!(
+                "layout format {} (this dfs-storaged reads formats up to {DIR_FORMAT})",
+                marker.format
+            ));
+        }
+        if !(16..=4096).contains(&marker.fanout) {
+            return Err(format!("fanout {} out of range", marker.fanout));
+        }
+        Ok(marker)
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -162,6 +224,24 @@ mod tests {
         ] {
             assert_eq!(l.parse_relative(Path::new(bad)), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn markers_round_trip_and_bad_ones_say_why() {
+        let m = Marker { format: 2, fanout: 36 };
+        assert_eq!(Marker::decode(m.encode().as_bytes()), Ok(m));
+        for (bad, why) in [
+            (&b"format 2\n"[..], "no fanout"),
+            (b"format 2\nfanout 8\n", "out of range"),
+            (b"format 9\nfanout 36\n", "formats up to"),
+            (b"format 2\nfanout x\n", "not a number"),
+            (b"colour 2\n", "unknown setting"),
+            (b"\xff\xfe", "not text"),
+        ] {
+            let e = Marker::decode(bad).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+        assert!(Marker::decode(&vec![b'#'; 5000]).is_err());
     }
 
     #[test]

@@ -5,23 +5,34 @@
 //! ```text
 //! data (data_len bytes)
 //! crc[0..n]   u32 LE each; n = ceil(data_len / 64 KiB), the last block may be partial
-//! footer      24 bytes, little endian:
-//!             magic "DFSP" | version u16 (1) | reserved u16 (0) | block_size u32 (65536)
-//!             | data_len u64 | trailer_crc u32
+//! footer      32 bytes, little endian:
+//!             magic "DFSP" | version u16 (2) | reserved u16 (0) | block_size u32 (65536)
+//!             | data_len u64 | piece id u64 | trailer_crc u32
 //! ```
 //!
-//! `trailer_crc` is the CRC32C of the crc array followed by the first 20 bytes of the footer,
-//! so a truncated or garbled trailer is detected as surely as a damaged block. The file length
-//! is a function of the data length ([`file_len`]), and the data length can be recovered from
-//! the file length alone ([`data_len_from_file_len`]): listing the store needs no file opened.
+//! `trailer_crc` is the CRC32C of the crc array followed by the footer up to it, so a truncated
+//! or garbled trailer is detected as surely as a damaged block. The piece id says which piece
+//! the file holds: a file found under another piece's name (a data directory read with another
+//! fanout, a file copied by hand) is refused as corrupt instead of served as that piece. The
+//! file length is a function of the data length ([`file_len`]), and the data length can be
+//! recovered from the file length alone ([`data_len_from_file_len`]): listing the store needs
+//! no file opened.
+//!
+//! Version 1 files (a 24-byte footer without the piece id, written before version 2) are still
+//! read and verified; new pieces are always written as version 2.
 //!
 //! Everything here is plain computation over bytes; the store does the I/O.
 
 /// Bytes covered by one checksum.
 pub const BLOCK_SIZE: u64 = 64 << 10;
-pub const FOOTER_LEN: u64 = 24;
+/// Footer of the pieces written now (version 2).
+pub const FOOTER_LEN: u64 = 32;
+/// Footer of version 1 pieces (no piece id).
+pub const FOOTER_LEN_V1: u64 = 24;
+/// The most bytes a reader needs from the end of a file to find its footer.
+pub const MAX_FOOTER_LEN: u64 = FOOTER_LEN;
 pub const MAGIC: [u8; 4] = *b"DFSP";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 const CRC_LEN: u64 = 4;
 
 /// Why a piece file's trailer or data does not check out.
@@ -39,6 +50,8 @@ pub enum FormatError {
     LengthMismatch { data_len: u64, file_len: u64 },
     #[error("trailer checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
     TrailerChecksum { stored: u32, computed: u32 },
+    #[error("the file holds piece {found}, not piece {expected} (misplaced)")]
+    WrongPiece { expected: u64, found: u64 },
     #[error(
         "checksum mismatch in block {block} (bytes {offset}..{end}): stored {stored:#010x}, computed {computed:#010x}"
     )]
@@ -97,8 +110,8 @@ pub fn block_crc(data: &[u8]) -> u32 {
     crc32c::crc32c(data)
 }
 
-/// The bytes following the data of a piece whose blocks have checksums `crcs`.
-pub fn encode_trailer(data_len: u64, crcs: &[u32]) -> Vec<u8> {
+/// The bytes following the data of piece `piece` whose blocks have checksums `crcs`.
+pub fn encode_trailer(data_len: u64, crcs: &[u32], piece: u64) -> Vec<u8> {
     assert_eq!(crcs.len() as u64, block_count(data_len), "one crc per block");
     let mut out = Vec::with_capacity(trailer_len(data_len) as usize);
     for crc in crcs {
@@ -109,9 +122,75 @@ pub fn encode_trailer(data_len: u64, crcs: &[u32]) -> Vec<u8> {
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&(BLOCK_SIZE as u32).to_le_bytes());
     out.extend_from_slice(&data_len.to_le_bytes());
+    out.extend_from_slice(&piece.to_le_bytes());
     let crc = crc32c::crc32c(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     out
+}
+
+/// A piece file's footer, found from its last bytes: how long the whole trailer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footer {
+    version: u16,
+    data_len: u64,
+}
+
+impl Footer {
+    fn len(&self) -> u64 {
+        if self.version == 1 { FOOTER_LEN_V1 } else { FOOTER_LEN }
+    }
+
+    /// Bytes at the end of the file holding the trailer (the slice [`Trailer::decode`] takes).
+    pub fn tail_len(&self) -> u64 {
+        block_count(self.data_len) * CRC_LEN + self.len()
+    }
+
+    /// Finds the footer of a file of `file_len` bytes in its last bytes (`end`, at most
+    /// [`MAX_FOOTER_LEN`] of them, fewer only if the file is shorter).
+    pub fn find(file_len: u64, end: &[u8]) -> Result<Footer, FormatError> {
+        let at = |len: u64| -> Option<&[u8]> {
+            let len = len as usize;
+            (end.len() >= len && file_len >= len as u64).then(|| &end[end.len() - len..])
+        };
+        let parse = |footer: &[u8], version: u16| -> Option<Result<Footer, FormatError>> {
+            let magic: [u8; 4] = footer[0..4].try_into().expect("4 bytes");
+            let found = u16::from_le_bytes(footer[4..6].try_into().expect("2 bytes"));
+            if magic != MAGIC || found != version {
+                return None;
+            }
+            let block_size = u32::from_le_bytes(footer[8..12].try_into().expect("4 bytes"));
+            if block_size as u64 != BLOCK_SIZE {
+                return Some(Err(FormatError::BadBlockSize(block_size)));
+            }
+            let data_len = u64::from_le_bytes(footer[12..20].try_into().expect("8 bytes"));
+            let footer = Footer { version, data_len };
+            if data_len.checked_add(footer.tail_len()) != Some(file_len) {
+                return Some(Err(FormatError::LengthMismatch { data_len, file_len }));
+            }
+            Some(Ok(footer))
+        };
+        if let Some(found) = at(FOOTER_LEN).and_then(|f| parse(f, 2)) {
+            return found;
+        }
+        if let Some(found) = at(FOOTER_LEN_V1).and_then(|f| parse(f, 1)) {
+            return found;
+        }
+        match at(FOOTER_LEN_V1) {
+            None => Err(FormatError::BadFileLength { file_len }),
+            Some(f) if f[0..4] != MAGIC => {
+                let v2 = at(FOOTER_LEN).map(|f| &f[0..4] == MAGIC).unwrap_or(false);
+                if v2 {
+                    let version = at(FOOTER_LEN).map(|f| u16::from_le_bytes([f[4], f[5]])).unwrap_or(0);
+                    Err(FormatError::BadVersion(version))
+                } else {
+                    Err(FormatError::BadMagic {
+                        found: f[0..4].try_into().expect("4 bytes"),
+                    })
+                }
+            }
+            Some(f) => Err(FormatError::BadVersion(u16::from_le_bytes([f[4], f[5]]))),
+        }
+    }
 }
 
 /// A piece file's validated trailer.
@@ -122,47 +201,35 @@ pub struct Trailer {
 }
 
 impl Trailer {
-    /// How many bytes at the end of a file of `file_len` bytes hold its trailer (the slice to
-    /// pass to [`Trailer::decode`]).
-    pub fn tail_len(file_len: u64) -> Result<u64, FormatError> {
-        data_len_from_file_len(file_len)
-            .map(trailer_len)
-            .ok_or(FormatError::BadFileLength { file_len })
-    }
-
-    /// Parses and checks the last [`Trailer::tail_len`] bytes of a file of `file_len` bytes.
-    pub fn decode(file_len: u64, tail: &[u8]) -> Result<Trailer, FormatError> {
-        let expected = Self::tail_len(file_len)?;
-        if tail.len() as u64 != expected {
+    /// Parses and checks the trailer of piece `piece`: the last [`Footer::tail_len`] bytes of
+    /// a file of `file_len` bytes whose footer is `footer`.
+    pub fn decode(file_len: u64, footer: Footer, tail: &[u8], piece: u64) -> Result<Trailer, FormatError> {
+        if tail.len() as u64 != footer.tail_len() || footer.data_len + footer.tail_len() != file_len {
             return Err(FormatError::BadFileLength { file_len });
         }
-        let (crc_bytes, footer) = tail.split_at(tail.len() - FOOTER_LEN as usize);
-        let magic: [u8; 4] = footer[0..4].try_into().expect("4 bytes");
-        if magic != MAGIC {
-            return Err(FormatError::BadMagic { found: magic });
-        }
-        let version = u16::from_le_bytes(footer[4..6].try_into().expect("2 bytes"));
-        if version != VERSION {
-            return Err(FormatError::BadVersion(version));
-        }
-        let block_size = u32::from_le_bytes(footer[8..12].try_into().expect("4 bytes"));
-        if block_size as u64 != BLOCK_SIZE {
-            return Err(FormatError::BadBlockSize(block_size));
-        }
-        let data_len = u64::from_le_bytes(footer[12..20].try_into().expect("8 bytes"));
-        if data_len.checked_add(trailer_len(data_len)) != Some(file_len) {
-            return Err(FormatError::LengthMismatch { data_len, file_len });
-        }
-        let stored = u32::from_le_bytes(footer[20..24].try_into().expect("4 bytes"));
-        let computed = crc32c::crc32c_append(crc32c::crc32c(crc_bytes), &footer[..20]);
+        let footer_len = footer.len() as usize;
+        let (covered, stored) = tail.split_at(tail.len() - 4);
+        let stored = u32::from_le_bytes(stored.try_into().expect("4 bytes"));
+        let computed = crc32c::crc32c(covered);
         if stored != computed {
             return Err(FormatError::TrailerChecksum { stored, computed });
+        }
+        let crc_bytes = &tail[..tail.len() - footer_len];
+        if footer.version >= 2 {
+            let f = &tail[tail.len() - footer_len..];
+            let found = u64::from_le_bytes(f[20..28].try_into().expect("8 bytes"));
+            if found != piece {
+                return Err(FormatError::WrongPiece { expected: piece, found });
+            }
         }
         let crcs = crc_bytes
             .chunks_exact(CRC_LEN as usize)
             .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
             .collect();
-        Ok(Trailer { data_len, crcs })
+        Ok(Trailer {
+            data_len: footer.data_len,
+            crcs,
+        })
     }
 
     pub fn data_len(&self) -> u64 {
@@ -215,16 +282,68 @@ mod tests {
         data.chunks(BLOCK_SIZE as usize).map(block_crc).collect()
     }
 
+    const PIECE: u64 = 77;
+
     fn file_of(data: &[u8]) -> Vec<u8> {
         let mut f = data.to_vec();
-        f.extend(encode_trailer(data.len() as u64, &crcs_of(data)));
+        f.extend(encode_trailer(data.len() as u64, &crcs_of(data), PIECE));
         f
     }
 
-    fn decode_file(f: &[u8]) -> Result<Trailer, FormatError> {
+    /// A piece file as version 1 wrote it (no piece id).
+    fn v1_file_of(data: &[u8]) -> Vec<u8> {
+        let mut f = data.to_vec();
+        let mut trailer = Vec::new();
+        for crc in crcs_of(data) {
+            trailer.extend_from_slice(&crc.to_le_bytes());
+        }
+        trailer.extend_from_slice(&MAGIC);
+        trailer.extend_from_slice(&1u16.to_le_bytes());
+        trailer.extend_from_slice(&0u16.to_le_bytes());
+        trailer.extend_from_slice(&(BLOCK_SIZE as u32).to_le_bytes());
+        trailer.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        let crc = crc32c::crc32c(&trailer);
+        trailer.extend_from_slice(&crc.to_le_bytes());
+        f.extend(trailer);
+        f
+    }
+
+    fn decode_as(f: &[u8], piece: u64) -> Result<Trailer, FormatError> {
         let file_len = f.len() as u64;
-        let tail = Trailer::tail_len(file_len)?;
-        Trailer::decode(file_len, &f[(file_len - tail) as usize..])
+        let end = &f[f.len().saturating_sub(MAX_FOOTER_LEN as usize)..];
+        let footer = Footer::find(file_len, end)?;
+        let tail = footer.tail_len();
+        Trailer::decode(file_len, footer, &f[(file_len - tail) as usize..], piece)
+    }
+
+    fn decode_file(f: &[u8]) -> Result<Trailer, FormatError> {
+        decode_as(f, PIECE)
+    }
+
+    #[test]
+    fn a_file_holding_another_piece_is_refused_and_version_1_is_still_read() {
+        let data = vec![5u8; 70_000];
+        let f = file_of(&data);
+        assert_eq!(
+            decode_as(&f, PIECE + 1),
+            Err(FormatError::WrongPiece {
+                expected: PIECE + 1,
+                found: PIECE
+            })
+        );
+        let old = v1_file_of(&data);
+        assert_eq!(
+            old.len() as u64,
+            file_len(data.len() as u64) - (FOOTER_LEN - FOOTER_LEN_V1)
+        );
+        let t = decode_as(&old, 12345).expect("version 1 has no piece id to check");
+        assert_eq!(t.data_len(), data.len() as u64);
+        t.check_blocks(0, &data).unwrap();
+        for i in data.len()..old.len() {
+            let mut g = old.clone();
+            g[i] ^= 0x10;
+            assert!(decode_file(&g).is_err(), "flipped byte {i} of a version 1 trailer");
+        }
     }
 
     #[test]
@@ -297,7 +416,7 @@ mod tests {
     fn wrong_length_in_footer_is_detected() {
         // A well-formed trailer for 1000 bytes appended after 999: the length does not add up.
         let mut f = vec![0u8; 999];
-        f.extend(encode_trailer(1000, &[block_crc(&[0u8; 1000])]));
+        f.extend(encode_trailer(1000, &[block_crc(&[0u8; 1000])], PIECE));
         assert!(decode_file(&f).is_err());
     }
 }

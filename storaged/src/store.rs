@@ -27,8 +27,8 @@ use dfs_proto::meta::{BasePiece, StoredPiece};
 use dfs_proto::types::{NodeUsage, PieceId};
 use dfs_proto::{ErrorKind as WireKind, RemoteError};
 
-use crate::layout::{LOCK_FILE, Layout};
-use crate::piece_format::{self, BLOCK_SIZE, FormatError, Trailer};
+use crate::layout::{LOCK_FILE, Layout, Marker};
+use crate::piece_format::{self, BLOCK_SIZE, Footer, FormatError, Trailer};
 
 mod reader;
 mod writer;
@@ -55,6 +55,21 @@ pub enum StoreError {
     },
     #[error("data directory {dir} is in use by another dfs-storaged")]
     Locked { dir: PathBuf },
+    #[error(
+        "data directory {dir} was laid out with fanout {recorded}, but fanout {configured} is configured: \
+         its pieces would be looked for under the wrong names. Set fanout = {recorded} for this daemon"
+    )]
+    FanoutMismatch {
+        dir: PathBuf,
+        recorded: u32,
+        configured: u32,
+    },
+    #[error("data directory {dir}: its layout marker {path} is unusable: {reason}")]
+    BadMarker {
+        dir: PathBuf,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("piece {piece} ({path}) is corrupt at offset {offset}: {reason}")]
     Corrupt {
         piece: PieceId,
@@ -70,7 +85,10 @@ impl StoreError {
         let kind = match self {
             StoreError::NotFound { .. } => WireKind::NotFound,
             StoreError::NoSpace { .. } => WireKind::NoSpace,
-            StoreError::Io { .. } | StoreError::Locked { .. } => WireKind::Io,
+            StoreError::Io { .. }
+            | StoreError::Locked { .. }
+            | StoreError::FanoutMismatch { .. }
+            | StoreError::BadMarker { .. } => WireKind::Io,
             StoreError::Corrupt { .. } => WireKind::Corrupt,
         };
         RemoteError::new(kind, self.to_string())
@@ -82,6 +100,53 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Sto
         op,
         path: path.to_owned(),
         source,
+    }
+}
+
+/// Checks that the data directory was laid out with `fanout`, recording it in a new one.
+fn check_layout_marker(root: &Path, fanout: u32) -> Result<(), StoreError> {
+    let path = root.join(crate::layout::MARKER_FILE);
+    match fs::read(&path) {
+        Ok(text) => {
+            let marker = Marker::decode(&text).map_err(|reason| StoreError::BadMarker {
+                dir: root.to_owned(),
+                path: path.clone(),
+                reason,
+            })?;
+            if marker.fanout != fanout {
+                return Err(StoreError::FanoutMismatch {
+                    dir: root.to_owned(),
+                    recorded: marker.fanout,
+                    configured: fanout,
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            let pieces = root.join(crate::layout::PIECES_DIR);
+            let has_pieces = fs::read_dir(&pieces).is_ok_and(|mut d| d.next().is_some());
+            if has_pieces {
+                tracing::warn!(
+                    "data directory {} has pieces but no layout marker (written by an older dfs-storaged): \
+                     recording the configured fanout {fanout}",
+                    root.display()
+                );
+            }
+            let marker = Marker {
+                format: crate::layout::DIR_FORMAT,
+                fanout,
+            };
+            let new = root.join(format!("{}.new", crate::layout::MARKER_FILE));
+            let write = || -> io::Result<()> {
+                let mut f = File::create(&new)?;
+                io::Write::write_all(&mut f, marker.encode().as_bytes())?;
+                f.sync_all()?;
+                fs::rename(&new, &path)
+            };
+            write().map_err(io_err("write", &path))?;
+            sync_dir(root)
+        }
+        Err(e) => Err(io_err("read", &path)(e)),
     }
 }
 
@@ -157,6 +222,7 @@ impl PieceStore {
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(StoreError::Locked { dir: root.to_owned() });
         }
+        check_layout_marker(root, fanout)?;
         let tmp = layout.tmp_dir();
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(io_err("clean", &tmp))?;
@@ -309,16 +375,20 @@ impl PieceStore {
             trailer: None,
             corrupt: report.then(|| self.corrupt.clone()),
         };
-        let tail_len = Trailer::tail_len(file_len).map_err(|e| reader.corrupt(e, file_len))?;
-        let mut tail = vec![0u8; tail_len as usize];
-        match reader.file.read_exact_at(&mut tail, file_len - tail_len) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
-                return Err(reader.corrupt(FormatError::BadFileLength { file_len }, file_len));
+        let read_end = |reader: &PieceReader, len: u64| -> Result<Vec<u8>, StoreError> {
+            let mut buf = vec![0u8; len as usize];
+            match reader.file.read_exact_at(&mut buf, file_len - len) {
+                Ok(()) => Ok(buf),
+                Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
+                    Err(reader.corrupt(FormatError::BadFileLength { file_len }, file_len))
+                }
+                Err(e) => Err(io_err("read trailer of", &reader.path)(e)),
             }
-            Err(e) => return Err(io_err("read trailer of", &reader.path)(e)),
-        }
-        let trailer = Trailer::decode(file_len, &tail).map_err(|e| reader.corrupt(e, file_len))?;
+        };
+        let end = read_end(&reader, file_len.min(piece_format::MAX_FOOTER_LEN))?;
+        let footer = Footer::find(file_len, &end).map_err(|e| reader.corrupt(e, file_len))?;
+        let tail = read_end(&reader, footer.tail_len())?;
+        let trailer = Trailer::decode(file_len, footer, &tail, piece).map_err(|e| reader.corrupt(e, file_len))?;
         reader.trailer = Some(trailer);
         Ok(reader)
     }

@@ -42,3 +42,35 @@ fn a_rewrite_survives_its_base_being_deleted_before_the_stream_ends() {
     want[8] = b'Z';
     assert_eq!(fs::read(other.join("f")).unwrap(), want);
 }
+
+/// A daemon restarted with another fanout would look for every piece under another name
+/// (and serve piece 36's bytes as piece 16's, checksums valid): it refuses to start instead,
+/// saying which fanout the data directory has.
+#[test]
+fn a_daemon_refuses_to_start_with_a_fanout_its_data_was_not_laid_out_with() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(1);
+    let mnt = cluster.mount();
+    for i in 0..40 {
+        write_file(&mnt.join(format!("f{i}")), format!("file {i}").as_bytes()).unwrap();
+    }
+    cluster.kill_daemon("storage-1");
+    let out = std::process::Command::new(dfs_tests::bin("dfs-storaged"))
+        .args(["--config"])
+        .arg(cluster.config_path())
+        .args(["--name", "storage-1", "--fanout", "16"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with the wrong fanout: {stderr}");
+    assert!(stderr.contains("fanout 36") && stderr.contains("fanout 16"), "{stderr}");
+    // With the right one, every file is still there.
+    cluster.start_daemon("storage-1");
+    cluster.wait_all_up();
+    for i in 0..40 {
+        assert_eq!(
+            fs::read(mnt.join(format!("f{i}"))).unwrap(),
+            format!("file {i}").as_bytes()
+        );
+    }
+}

@@ -70,7 +70,11 @@ fn uncommitted_write_leaves_nothing() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(names.len(), 3, "only pieces/, tmp/ and the lock file: {names:?}");
+    assert_eq!(
+        names.len(),
+        4,
+        "only pieces/, tmp/, the lock file and the layout marker: {names:?}"
+    );
 }
 
 #[test]
@@ -365,4 +369,52 @@ fn capacity_limit_gives_no_space() {
     let store = Arc::new(PieceStore::open(dir.path(), 36, 10).unwrap());
     let mut w = store.begin_write(1, None).unwrap();
     assert!(matches!(w.write_at(0, &[0u8; 11]), Err(StoreError::NoSpace { .. })));
+}
+
+#[test]
+fn a_data_directory_keeps_its_fanout_and_refuses_another() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+        let mut w = store.begin_write(36, None).unwrap();
+        w.write_at(0, b"piece thirty-six").unwrap();
+        w.commit().unwrap();
+    }
+    let refused = PieceStore::open(dir.path(), 16, 0)
+        .err()
+        .expect("another fanout is refused");
+    let msg = refused.to_string();
+    assert!(
+        matches!(
+            refused,
+            StoreError::FanoutMismatch {
+                recorded: 36,
+                configured: 16,
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains("fanout = 36"), "{msg}");
+    let store = PieceStore::open(dir.path(), 36, 0).unwrap();
+    let mut buf = [0u8; 16];
+    store.read(36, 0, &mut buf).unwrap();
+    assert_eq!(&buf, b"piece thirty-six");
+}
+
+#[test]
+fn a_piece_file_under_another_piece_name_is_corrupt_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+    let mut w = store.begin_write(1, None).unwrap();
+    w.write_at(0, b"one").unwrap();
+    w.commit().unwrap();
+    let misplaced = store.layout().piece_path(2);
+    fs::create_dir_all(misplaced.parent().unwrap()).unwrap();
+    fs::copy(store.layout().piece_path(1), &misplaced).unwrap();
+    let mut buf = [0u8; 3];
+    let e = store.read(2, 0, &mut buf).unwrap_err();
+    assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+    assert!(e.to_string().contains("holds piece 1, not piece 2"), "{e}");
+    assert_eq!(store.take_corrupt(), vec![2]);
 }

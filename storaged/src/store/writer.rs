@@ -133,7 +133,7 @@ impl PieceWriter {
             crcs.extend(buf[..n].chunks(BLOCK_SIZE as usize).map(piece_format::block_crc));
             pos += n as u64;
         }
-        let trailer = piece_format::encode_trailer(self.len, &crcs);
+        let trailer = piece_format::encode_trailer(self.len, &crcs, self.piece);
         self.file
             .write_all_at(&trailer, self.len)
             .map_err(|e| self.map_write_error("write checksums", e))
