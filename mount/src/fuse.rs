@@ -312,9 +312,10 @@ impl Filesystem for DfsFs {
         );
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let m = self.mount.clone();
-        self.run("open", async move { m.open(ino.0).await }, move |r| match r {
+        let writable = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        self.run("open", async move { m.open(ino.0, writable).await }, move |r| match r {
             Ok(o) => reply.opened(FileHandle(o.fh), open_flags(o.keep_cache)),
             Err(e) => reply.error(errno(&e)),
         });
@@ -366,12 +367,12 @@ impl Filesystem for DfsFs {
         );
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         let m = self.mount.clone();
         self.run(
             "flush",
             async move {
-                let flushed = m.flush(ino.0).await;
+                let flushed = m.flush(ino.0, fh.0, lock_owner.0).await;
                 // A process closing any descriptor of a file loses its fcntl locks on it.
                 m.unlock_owner(ino.0, lock_owner.0).await?;
                 flushed
@@ -404,9 +405,17 @@ impl Filesystem for DfsFs {
         );
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         let m = self.mount.clone();
-        self.run("fsync", async move { m.flush(ino.0).await }, move |r| empty(r, reply));
+        self.run("fsync", async move { m.fsync(ino.0, fh.0).await }, move |r| {
+            empty(r, reply)
+        });
+    }
+
+    /// Every directory operation is durable on the metaserver when it returns, so there is
+    /// nothing left to wait for.
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -602,9 +611,13 @@ impl Filesystem for DfsFs {
         let n = name(n);
         let (uid, gid) = (req.uid(), req.gid());
         let exclusive = flags & libc::O_EXCL != 0;
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         self.run(
             "create",
-            async move { m.create(parent.0, n, mode & 0o7777, uid, gid, exclusive).await },
+            async move {
+                m.create(parent.0, n, mode & 0o7777, uid, gid, exclusive, writable)
+                    .await
+            },
             move |r| match r {
                 Ok(o) => reply.created(
                     &ttl,

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::error::{FsError, FsResult};
+use crate::errseq::ErrorSeq;
 
 /// Chunks one inode may stream at once (random writers touch several).
 pub const MAX_OPEN_CHUNKS: usize = 4;
@@ -67,8 +68,8 @@ pub struct Writer {
     /// End of the furthest write since the last commit.
     pub end: u64,
     pub dirty: bool,
-    /// First failure since the last flush or fsync, which reports it (write, read and setattr
-    /// fail with it meanwhile).
+    /// A failure found while settling finished streams, until the writer handles it (drops
+    /// the uncommitted writes and records it for their writers: `Mount::fail_writes`).
     pub error: Option<FsError>,
     /// A piece the metaserver set aside for chunk 0 when it created the file.
     pub first_piece: Option<Allocation>,
@@ -216,6 +217,10 @@ pub struct InodeState {
     last_attr: std::sync::Mutex<Option<Attr>>,
     pub cache: tokio::sync::Mutex<Cached>,
     pub writer: tokio::sync::Mutex<Writer>,
+    /// Write failures, reported to each descriptor open for writing (`errseq`).
+    pub errors: ErrorSeq,
+    /// The cached size and chunk map may describe writes that were dropped: look again.
+    cache_stale: AtomicBool,
 }
 
 impl InodeState {
@@ -229,7 +234,19 @@ impl InodeState {
             last_attr: std::sync::Mutex::new(None),
             cache: tokio::sync::Mutex::new(Cached::default()),
             writer: tokio::sync::Mutex::new(Writer::default()),
+            errors: ErrorSeq::default(),
+            cache_stale: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the cache as not to be trusted (it is locked by someone else right now).
+    pub fn stale_cache(&self) {
+        self.cache_stale.store(true, Ordering::Release);
+    }
+
+    /// Whether the cache was marked stale since (clearing the mark).
+    pub fn take_stale_cache(&self) -> bool {
+        self.cache_stale.swap(false, Ordering::AcqRel)
     }
 
     pub fn mark_dirty(&self, end: u64) {

@@ -4,8 +4,10 @@
 pub mod attrs;
 pub mod dir;
 pub mod error;
+pub mod errseq;
 pub mod fuse;
 pub mod inode;
+pub mod kernel;
 pub mod meta_client;
 pub mod ops;
 pub mod storage_pool;

@@ -74,3 +74,117 @@ fn a_daemon_refuses_to_start_with_a_fanout_its_data_was_not_laid_out_with() {
         );
     }
 }
+
+/// Forks a child that closes its inherited copy of `file`'s descriptor (as `make > log` or a
+/// shell pipeline does) and returns what that close reported.
+fn close_in_forked_child(file: &fs::File) -> Result<(), i32> {
+    use std::os::unix::io::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: the child only calls close and _exit, both async-signal-safe.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        unsafe {
+            let rc = libc::close(fd);
+            let errno = *libc::__errno_location();
+            libc::_exit(if rc == 0 { 0 } else { errno.clamp(1, 255) });
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    match libc::WEXITSTATUS(status) {
+        0 => Ok(()),
+        errno => Err(errno),
+    }
+}
+
+/// A write failure reaches every descriptor that was open for writing when it happened, at
+/// its close, whoever closed first (another process, a forked child holding the same
+/// descriptor); after it, nobody on the mount reads the lost bytes.
+#[test]
+fn a_lost_write_is_reported_to_every_writer_and_never_read_back() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(1);
+    let mnt = cluster.mount();
+    let path = mnt.join("f");
+    let mut p1 = fs::File::create(&path).unwrap();
+    std::io::Write::write_all(&mut p1, &vec![7u8; 100 << 10]).unwrap();
+    let p2 = OpenOptions::new().append(true).open(&path).unwrap();
+    let reader = fs::File::open(&path).unwrap();
+    cluster.kill_daemon("storage-1");
+    // P2 closes first: its close commits P1's writes, which fails.
+    let e = close(p2).expect_err("close after the only daemon died");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(close(reader).is_ok(), "a reader did not write anything");
+    // A child closing its inherited copy hears of it, and so does P1 after it.
+    assert_eq!(
+        close_in_forked_child(&p1),
+        Err(libc::EIO),
+        "the child's close of its inherited descriptor reports the failure"
+    );
+    let e = close(p1).expect_err("P1's close must report its lost write");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    // The file is as last committed (empty): no size or byte of the lost write is seen.
+    assert_eq!(fs::metadata(&path).unwrap().len(), 0);
+    assert_eq!(fs::read(&path).unwrap(), b"");
+    // A descriptor opened after the failure was reported does not hear of it.
+    cluster.start_daemon("storage-1");
+    cluster.wait_all_up();
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(b"new", 0).unwrap();
+    close(f).expect("a new writer after the failure");
+    assert_eq!(fs::read(&path).unwrap(), b"new");
+}
+
+/// fsync reports the failure to its descriptor once; each descriptor hears it.
+#[test]
+fn fsync_reports_a_lost_write_to_each_descriptor_once() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(1);
+    let mnt = cluster.mount();
+    let path = mnt.join("g");
+    let a = fs::File::create(&path).unwrap();
+    a.write_all_at(&[1u8; 5000], 0).unwrap();
+    let b = OpenOptions::new().write(true).open(&path).unwrap();
+    cluster.kill_daemon("storage-1");
+    assert!(b.sync_all().is_err(), "b was open for writing when the write was lost");
+    assert!(b.sync_all().is_ok(), "reported once per descriptor");
+    assert!(a.sync_all().is_err(), "a hears of it too, although b's fsync found it");
+    assert!(a.sync_all().is_ok());
+}
+
+fn flock(file: &fs::File, op: i32) {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: flock on a descriptor we own.
+    assert_eq!(unsafe { libc::flock(file.as_raw_fd(), op) }, 0, "flock");
+}
+
+/// Under a lock, each holder writes on top of what the previous holder wrote: the piece a
+/// create sets aside for a file's first chunk (with nothing to copy) is not used once another
+/// mount has written that chunk.
+#[test]
+fn a_lock_holder_writes_on_top_of_what_the_previous_holder_wrote() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(2);
+    let (a, b) = (cluster.mount(), cluster.mount());
+    let on_a = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(a.join("shared"))
+        .unwrap();
+    {
+        let on_b = OpenOptions::new().write(true).open(b.join("shared")).unwrap();
+        flock(&on_b, libc::LOCK_EX);
+        on_b.write_all_at(b"BBBB", 0).unwrap();
+        flock(&on_b, libc::LOCK_UN);
+        close(on_b).unwrap();
+    }
+    flock(&on_a, libc::LOCK_EX);
+    on_a.write_all_at(b"A", 8).unwrap();
+    flock(&on_a, libc::LOCK_UN);
+    close(on_a).unwrap();
+    assert_eq!(fs::read(b.join("shared")).unwrap(), b"BBBB\0\0\0\0A");
+    assert_eq!(fs::read(a.join("shared")).unwrap(), b"BBBB\0\0\0\0A");
+}
