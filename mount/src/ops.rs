@@ -908,7 +908,15 @@ impl Mount {
             })
             .await;
         let result = match first {
-            Err(e) if avoid.len() > exclude.len() && e.remote_kind() == Some(ErrorKind::NoSpace) => {
+            // Suspects were all there was (no room elsewhere, or they hold the chunk being
+            // rewritten, e.g. daemons back from a restart): try them after all.
+            Err(e)
+                if avoid.len() > exclude.len()
+                    && matches!(
+                        e.remote_kind(),
+                        Some(ErrorKind::NoSpace | ErrorKind::StorageUnavailable)
+                    ) =>
+            {
                 self.meta.call(AllocatePiece { ino, chunk, exclude }).await
             }
             other => other,
