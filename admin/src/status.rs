@@ -138,6 +138,9 @@ pub fn render(report: &ClusterReport) -> String {
         "UNAVAILABLE DATA"
     } else if r.under_replicated > 0 {
         "degraded"
+    } else if r.unverified_daemons > 0 {
+        // A copy missing from a daemon that has not confirmed its holdings is not counted yet.
+        "not yet verified"
     } else {
         "healthy"
     };
@@ -149,6 +152,13 @@ pub fn render(report: &ClusterReport) -> String {
         r.lost,
         r.scanned_ms_ago.min(999_000) as f64 / 1000.0
     );
+    if r.unverified_daemons > 0 {
+        let _ = writeln!(
+            out,
+            "  {} storage daemons have not yet confirmed the copies they are recorded with",
+            r.unverified_daemons
+        );
+    }
     let _ = writeln!(
         out,
         "repairs in progress: {}   moves in progress: {}   done since start: {} repairs, {} moves",

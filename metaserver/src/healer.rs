@@ -15,7 +15,10 @@
 //!   for deletion, so a daemon returning from the dead deletes what it no longer needs.
 //!
 //! Copies are made by the target daemon (a `CopyOrder` in its heartbeat reply), at most
-//! `copies_per_node` at once per daemon: that bounds the rate of healing.
+//! `copies_per_node` at once per daemon: that bounds the rate of healing. A scan may plan
+//! more than that per daemon (a queue, [`PLAN_AHEAD`] times as many); the queue is handed out
+//! as copies finish, so healing runs at the pace copies complete rather than one batch per
+//! scan.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -23,6 +26,8 @@ use std::time::{Duration, Instant};
 use dfs_proto::meta::{NodeState as Liveness, Redundancy};
 use dfs_proto::types::{Ino, NodeId, PieceId};
 
+/// How many copies per daemon a scan may plan ahead, as a multiple of those running at once.
+pub const PLAN_AHEAD: u32 = 16;
 /// Candidates for balancing moves remembered per daemon during a scan.
 const MOVE_CANDIDATES_PER_NODE: usize = 512;
 /// Imbalance below this many bytes is never worth a move.
@@ -405,11 +410,13 @@ impl<'a> Planner<'a> {
     }
 }
 
-/// A copy ordered and not yet reported done.
+/// A copy planned and not yet reported done: queued for its target, or handed out to it.
 #[derive(Debug, Clone)]
 pub struct InFlight {
     pub copy: PlannedCopy,
+    /// When it was planned, or handed out once it was.
     pub since: Instant,
+    pub handed_out: bool,
 }
 
 /// The healer's memory between scans: copies under way, orders not yet delivered, and the
@@ -421,10 +428,18 @@ pub struct HealerState {
     pub outbox: HashMap<NodeId, Vec<PlannedCopy>>,
     /// Pieces whose only copy failed its checksum.
     pub corrupt_only: HashSet<PieceId>,
+    /// Pieces whose only recorded copy is not on its daemon (reported missing).
+    pub missing_only: HashSet<PieceId>,
     pub last: Redundancy,
     pub scanned_at: Option<Instant>,
     /// How long the last scan took: scans are spaced to take at most a tenth of the time.
     pub scan_took: Duration,
+    /// Copies were dropped since the last scan began (missing, damaged): its numbers are
+    /// out of date, and the next status report scans first.
+    pub stale: bool,
+    /// The last scan found more pieces needing copies than it could order (the rate bound):
+    /// the next scan may come as soon as copies finish.
+    pub backlog: bool,
     pub repairs_done: u64,
     pub moves_done: u64,
 }
@@ -447,8 +462,41 @@ impl HealerState {
                 continue;
             }
             self.outbox.entry(copy.target).or_default().push(copy.clone());
-            self.in_flight.insert(key, InFlight { copy, since: now });
+            self.in_flight.insert(
+                key,
+                InFlight {
+                    copy,
+                    since: now,
+                    handed_out: false,
+                },
+            );
         }
+    }
+
+    /// The next orders for `node`: as many queued copies as keep at most `running` of its
+    /// copies handed out at once.
+    pub fn hand_out(&mut self, node: NodeId, running: u32, now: Instant) -> Vec<PlannedCopy> {
+        let busy = self
+            .in_flight
+            .values()
+            .filter(|f| f.handed_out && f.copy.target == node)
+            .count();
+        let room = (running as usize).saturating_sub(busy);
+        let Some(queue) = self.outbox.get_mut(&node) else {
+            return Vec::new();
+        };
+        let take = queue.len().min(room);
+        let orders: Vec<PlannedCopy> = queue.drain(..take).collect();
+        if queue.is_empty() {
+            self.outbox.remove(&node);
+        }
+        for o in &orders {
+            if let Some(f) = self.in_flight.get_mut(&(o.piece, node)) {
+                f.handed_out = true;
+                f.since = now;
+            }
+        }
+        orders
     }
 
     /// Forgets copies that took too long or whose target is no longer up: planned again.
@@ -456,7 +504,9 @@ impl HealerState {
         let stale: Vec<(PieceId, NodeId)> = self
             .in_flight
             .iter()
-            .filter(|((_, target), f)| now.saturating_duration_since(f.since) > max_age || !up(*target))
+            .filter(|((_, target), f)| {
+                (f.handed_out && now.saturating_duration_since(f.since) > max_age) || !up(*target)
+            })
             .map(|(&k, _)| k)
             .collect();
         let mut out = Vec::new();

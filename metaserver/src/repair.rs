@@ -11,7 +11,7 @@ use dfs_proto::types::{NodeId, PieceId};
 use redb::ReadableTable;
 
 use crate::error::{MetaError, Result};
-use crate::healer::{ChunkView, CopyKind, NodeView, Planner, Trim};
+use crate::healer::{ChunkView, CopyKind, NodeView, PLAN_AHEAD, Planner, Trim};
 use crate::namespace;
 use crate::schema::ChunkRecord;
 use crate::service::{MetaService, lock};
@@ -19,12 +19,25 @@ use crate::service::{MetaService, lock};
 /// How often the chunk map is scanned for pieces needing copies (or less often on a large
 /// cluster: scans take at most a tenth of the metaserver's time).
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(2);
+/// Soonest a scan follows the previous one when copies finish and more are waiting.
+const EARLY_RESCAN: Duration = Duration::from_millis(10);
 
 impl crate::healer::HealerState {
     pub fn scan_due(&self, now: Instant) -> bool {
         let interval = SCAN_INTERVAL.max(self.scan_took * 10);
         self.scanned_at
             .is_none_or(|t| now.saturating_duration_since(t) >= interval)
+    }
+
+    /// Whether copies just finished should be followed by a scan right away (so healing
+    /// runs at the rate copies complete, not one batch per scan interval), still within the
+    /// scans' tenth of the time.
+    pub fn rescan_due(&self, now: Instant) -> bool {
+        let interval = EARLY_RESCAN.max(self.scan_took * 10);
+        self.backlog
+            && self
+                .scanned_at
+                .is_none_or(|t| now.saturating_duration_since(t) >= interval)
     }
 }
 /// A copy not reported done within this long is planned again.
@@ -35,13 +48,11 @@ const ORDERS_PER_HEARTBEAT: usize = 64;
 impl MetaService {
     /// Copy orders waiting for `node`.
     pub(crate) fn orders_for(&self, node: NodeId) -> Vec<CopyOrder> {
-        let mut healer = lock(&self.healer);
-        let Some(queue) = healer.outbox.get_mut(&node) else {
+        let running = self.settings.copies_per_node.min(ORDERS_PER_HEARTBEAT as u32);
+        let orders = lock(&self.healer).hand_out(node, running, Instant::now());
+        if orders.is_empty() {
             return Vec::new();
-        };
-        let take = queue.len().min(ORDERS_PER_HEARTBEAT);
-        let orders: Vec<_> = queue.drain(..take).collect();
-        drop(healer);
+        }
         let now = Instant::now();
         let registry = lock(&self.registry);
         orders
@@ -134,7 +145,6 @@ impl MetaService {
             })
             .await?;
         let name = lock(&self.registry).addr(node, Instant::now()).to_string();
-        let mut healer = lock(&self.healer);
         for (piece, ino, chunk, dropped) in outcomes {
             if dropped {
                 tracing::warn!(
@@ -142,18 +152,92 @@ impl MetaService {
                      dropped it, a good copy will replace it"
                 );
             } else {
-                healer.corrupt_only.insert(piece);
+                lock(&self.healer).corrupt_only.insert(piece);
                 tracing::error!(
                     "storage daemon {name}: the only copy of piece {piece} (inode {ino} chunk {chunk}) is damaged: \
                      that part of the file is lost"
                 );
             }
         }
+        self.copies_dropped().await;
+        Ok(())
+    }
+
+    /// A daemon found pieces absent that it was asked for or to check. Each copy it was
+    /// recorded with is dropped (re-checked in the transaction: only while still recorded
+    /// there), so the repair re-makes it from another copy; a last copy is kept in the record
+    /// and counted as lost.
+    pub(crate) async fn missing_reported(&self, node: NodeId, pieces: Vec<PieceId>) -> Result<()> {
+        let outcomes = self
+            .write(move |ctx| {
+                let mut out = Vec::new();
+                for piece in pieces {
+                    let Some((ino, chunk, _)) = ctx.node_pieces.get((node, piece))?.map(|v| v.value()) else {
+                        // Not recorded there (a stale reader, a deletion done): nothing lost.
+                        continue;
+                    };
+                    let dropped = namespace::remove_replica(ctx, ino, chunk, piece, node)?;
+                    out.push((piece, ino, chunk, dropped));
+                }
+                Ok(out)
+            })
+            .await?;
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let name = lock(&self.registry).addr(node, Instant::now()).to_string();
+        let mut dropped = 0;
+        for (piece, ino, chunk, was_dropped) in outcomes {
+            if was_dropped {
+                dropped += 1;
+                tracing::debug!("storage daemon {name} lacks its copy of piece {piece} (inode {ino} chunk {chunk})");
+            } else {
+                lock(&self.healer).missing_only.insert(piece);
+                tracing::error!(
+                    "storage daemon {name} lacks the only copy of piece {piece} (inode {ino} chunk {chunk}): \
+                     that part of the file is lost unless the daemon's data comes back"
+                );
+            }
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                "storage daemon {name} lacks {dropped} copies it was recorded with: dropped them, \
+                 the repair re-makes them from the other copies"
+            );
+        }
+        self.copies_dropped().await;
         Ok(())
     }
 
     /// Scans the chunk map, plans repairs, moves and trims, and carries out the trims.
     pub(crate) async fn heal(&self) -> Result<()> {
+        let Ok(scan) = self.scanning.try_lock() else {
+            return Ok(());
+        };
+        self.scan_locked(scan).await
+    }
+
+    /// Scans now, after the scan under way if there is one (status reports must not come
+    /// from a scan older than a change they know of).
+    pub(crate) async fn heal_now(&self) -> Result<()> {
+        let scan = self.scanning.lock().await;
+        if !lock(&self.healer).stale {
+            // The scan just finished began after the change.
+            return Ok(());
+        }
+        self.scan_locked(scan).await
+    }
+
+    /// Copies were dropped: the last scan's numbers no longer hold; scan again.
+    async fn copies_dropped(&self) {
+        lock(&self.healer).stale = true;
+        if let Err(e) = self.heal().await {
+            tracing::error!("cannot scan for pieces needing copies: {e}");
+        }
+    }
+
+    async fn scan_locked(&self, _scan: tokio::sync::MutexGuard<'_, ()>) -> Result<()> {
+        lock(&self.healer).stale = false;
         let now = Instant::now();
         let (views, up): (Vec<NodeView>, HashSet<NodeId>) = {
             let registry = lock(&self.registry);
@@ -192,7 +276,11 @@ impl MetaService {
             }
             healer.busy()
         };
-        let corrupt_only = lock(&self.healer).corrupt_only.clone();
+        // Pieces whose only copy is unusable: counted as lost, never a source.
+        let corrupt_only: HashSet<PieceId> = {
+            let healer = lock(&self.healer);
+            healer.corrupt_only.union(&healer.missing_only).copied().collect()
+        };
         let settings = self.settings.clone();
         let plan = self
             .read(move |r| {
@@ -200,7 +288,7 @@ impl MetaService {
                 let mut planner = Planner::new(
                     views,
                     &busy,
-                    settings.copies_per_node,
+                    settings.copies_per_node.saturating_mul(PLAN_AHEAD),
                     settings.balance_threshold_percent,
                     &corrupt_only,
                 )
@@ -238,6 +326,12 @@ impl MetaService {
                 );
             }
             healer.dispatch(plan.copies, now);
+            let repairs_in_flight = healer
+                .in_flight
+                .values()
+                .filter(|f| f.copy.kind == CopyKind::Repair)
+                .count();
+            healer.backlog = plan.stats.under_replicated as usize > repairs_in_flight;
         }
         if !plan.trims.is_empty() {
             self.trim(plan.trims).await?;

@@ -27,6 +27,8 @@ const PIECE_ID_BLOCK: u64 = 100_000;
 const MAX_CHUNK_MAP: u32 = 1024;
 /// Most deletions handed to a daemon per heartbeat.
 const DELETES_PER_HEARTBEAT: usize = 2048;
+/// Most pieces a daemon is asked to check for per heartbeat.
+const CHECKS_PER_HEARTBEAT: usize = 8192;
 /// An allocation not committed within this long is forgotten by placement.
 const PENDING_MAX_AGE: Duration = Duration::from_secs(600);
 
@@ -56,12 +58,25 @@ pub struct MetaService {
     locks: ClusterLocks,
     pub(crate) settings: Settings,
     pub(crate) healer: Mutex<HealerState>,
+    /// Held by the scan under way (one at a time: two would plan the same copies twice).
+    pub(crate) scanning: tokio::sync::Mutex<()>,
     /// Unreferenced pieces too young to delete when a daemon reported them: looked at again
     /// once the grace period has passed, so they are collected without waiting for the next
     /// inventory.
     pub(crate) young_unreferenced: Mutex<HashMap<(NodeId, PieceId), Instant>>,
     pub(crate) backups: Mutex<HashMap<u64, crate::backup::Snapshot>>,
+    /// Per daemon: copies recorded there that its last inventory did not list, to be checked
+    /// by the daemon (a piece committed while it was listing is there; one really absent is
+    /// reported missing and its copy dropped).
+    pub(crate) presence_checks: Mutex<HashMap<NodeId, PresenceCheck>>,
     pub(crate) db_dir: std::path::PathBuf,
+}
+
+/// Copies a daemon is to check for, and whether it was handed some not yet answered.
+#[derive(Debug, Default)]
+pub(crate) struct PresenceCheck {
+    queue: Vec<PieceId>,
+    outstanding: bool,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -152,8 +167,10 @@ impl MetaService {
             locks: ClusterLocks::default(),
             settings,
             healer: Mutex::new(HealerState::default()),
+            scanning: tokio::sync::Mutex::new(()),
             young_unreferenced: Mutex::new(HashMap::new()),
             backups: Mutex::new(HashMap::new()),
+            presence_checks: Mutex::new(HashMap::new()),
             db_dir,
         }))
     }
@@ -672,6 +689,9 @@ impl MetaService {
     }
 
     pub async fn cluster_status(&self, _req: ClusterStatus) -> Result<ClusterReport> {
+        if lock(&self.healer).stale {
+            self.heal_now().await?;
+        }
         let (files, directories, symlinks, pending_deletes, orphaned_files) = self
             .read(|r| {
                 Ok((
@@ -693,6 +713,16 @@ impl MetaService {
                     .collect::<Result<Vec<u64>>>()
             })
             .await?;
+        let unverified = {
+            let registry = lock(&self.registry);
+            let checks = lock(&self.presence_checks);
+            nodes
+                .iter()
+                .filter(|n| {
+                    n.state == NodeState::Up && (!registry.inventoried(n.node.id) || checks.contains_key(&n.node.id))
+                })
+                .count() as u64
+        };
         let redundancy = {
             let healer = lock(&self.healer);
             for n in nodes.iter_mut() {
@@ -703,6 +733,10 @@ impl MetaService {
         for (n, d) in nodes.iter_mut().zip(deletes_per_node) {
             n.pending_deletes = d;
         }
+        let redundancy = Redundancy {
+            unverified_daemons: unverified,
+            ..redundancy
+        };
         Ok(ClusterReport {
             nodes,
             replicas: self.settings.replicas,
@@ -731,6 +765,8 @@ impl MetaService {
         {
             let mut registry = lock(&self.registry);
             registry.registered(node, req.name.clone(), req.addr.clone(), req.usage, Instant::now());
+            // What it holds is unconfirmed until its inventory (sent after registering) is in.
+            registry.set_inventoried(node, false);
             registry.set_domain(node, req.domain.clone());
         }
         // Orders sent before the daemon restarted are lost with it: plan them again.
@@ -740,6 +776,7 @@ impl MetaService {
             healer.outbox.remove(&node);
         }
         lock(&self.inventories).remove(&node);
+        lock(&self.presence_checks).remove(&node);
         tracing::info!(
             "storage daemon {} registered as node {node} at {} ({} pieces, {} bytes, {} bytes free)",
             req.name,
@@ -769,10 +806,36 @@ impl MetaService {
         }
         if !req.copied.is_empty() {
             self.copies_done(node, req.copied).await?;
+            let rescan = {
+                let healer = lock(&self.healer);
+                !healer.outbox.contains_key(&node) && healer.rescan_due(Instant::now())
+            };
+            if rescan && let Err(e) = self.heal().await {
+                tracing::error!("cannot scan for pieces needing copies: {e}");
+            }
         }
         if !req.corrupt.is_empty() {
             self.corrupt_reported(node, req.corrupt).await?;
         }
+        if !req.missing.is_empty() {
+            self.missing_reported(node, req.missing).await?;
+        }
+        // The daemon checks what it was handed before its next heartbeat (this one).
+        let check = {
+            let mut checks = lock(&self.presence_checks);
+            match checks.get_mut(&node) {
+                Some(c) => {
+                    let take = c.queue.len().min(CHECKS_PER_HEARTBEAT);
+                    let batch: Vec<PieceId> = c.queue.drain(..take).collect();
+                    c.outstanding = !batch.is_empty();
+                    if !c.outstanding {
+                        checks.remove(&node);
+                    }
+                    batch
+                }
+                None => Vec::new(),
+            }
+        };
         let (delete, more) = self
             .read(move |r| {
                 let mut out = Vec::new();
@@ -794,6 +857,7 @@ impl MetaService {
             more,
             copy,
             inventory_wanted,
+            check,
         })
     }
 
@@ -827,8 +891,13 @@ impl MetaService {
             let registry = lock(&self.registry);
             let mut inventories = lock(&self.inventories);
             let seen = inventories.entry(node).or_default();
+            let mut healer = lock(&self.healer);
             for (p, known, queued) in checked {
                 seen.insert(p.piece);
+                if known {
+                    // A copy taken for missing is here after all.
+                    healer.missing_only.remove(&p.piece);
+                }
                 // Unreferenced and old enough that no client can still commit it.
                 if !queued && !known && !registry.is_pending(p.piece) {
                     if p.age_secs >= grace {
@@ -856,7 +925,6 @@ impl MetaService {
             .await?;
         }
         if req.last {
-            lock(&self.registry).set_inventoried(node, true);
             let seen = lock(&self.inventories).remove(&node).unwrap_or_default();
             let missing = self
                 .read(move |r| {
@@ -872,12 +940,23 @@ impl MetaService {
                 })
                 .await?;
             if let Some((piece, ino)) = missing.first() {
-                tracing::error!(
-                    "storage daemon {name} (node {node}) lacks {} pieces it should hold, e.g. piece {piece} of inode {ino}: \
-                     reads of those files will fail",
+                tracing::warn!(
+                    "storage daemon {name} (node {node}) did not list {} pieces it should hold, e.g. piece {piece} of \
+                     inode {ino}: asking it to check them",
                     missing.len()
                 );
             }
+            if !missing.is_empty() {
+                lock(&self.presence_checks).insert(
+                    node,
+                    PresenceCheck {
+                        queue: missing.into_iter().map(|(piece, _)| piece).collect(),
+                        outstanding: false,
+                    },
+                );
+            }
+            // Only now: what it lacks is queued for checking, so it is not counted verified.
+            lock(&self.registry).set_inventoried(node, true);
         }
         Ok(InventoryReply {})
     }

@@ -522,6 +522,7 @@ impl Mount {
         self.meta.note_open(fh, ino);
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub async fn create(
         &self,
         parent: Ino,

@@ -437,6 +437,10 @@ pub struct Redundancy {
     pub moves_done: u64,
     /// Milliseconds since the scan these numbers come from.
     pub scanned_ms_ago: u64,
+    /// Storage daemons up whose holdings are not confirmed yet (since they registered, the
+    /// metaserver has not had their inventory, or they have not checked the copies it lacked):
+    /// until then a missing copy there would not be counted.
+    pub unverified_daemons: u64,
 }
 
 /// `dfs drain NODE`: empty a daemon onto the others (or stop doing so).
@@ -492,6 +496,10 @@ pub struct Heartbeat {
     pub copied: Vec<CopyDone>,
     /// Pieces found damaged (checksum mismatch on a read or a scrub) since the last heartbeat.
     pub corrupt: Vec<PieceId>,
+    /// Pieces found absent since the last heartbeat: asked for by a reader or a rewrite, or
+    /// listed by the metaserver to check (`HeartbeatReply::check`). The metaserver drops the
+    /// copies it recorded here (the repair re-makes them).
+    pub missing: Vec<PieceId>,
 }
 
 /// Make a copy of a piece on this daemon, reading it from one of `sources`.
@@ -520,6 +528,9 @@ pub struct HeartbeatReply {
     /// The metaserver has no inventory from this daemon since it started (it restarted
     /// between two heartbeats): send one.
     pub inventory_wanted: bool,
+    /// Pieces the metaserver records here that the last inventory did not list: check each
+    /// and report those absent in the next heartbeat (`Heartbeat::missing`).
+    pub check: Vec<PieceId>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

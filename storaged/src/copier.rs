@@ -76,6 +76,9 @@ struct State {
 }
 
 struct Inner {
+    /// Woken whenever a copy finishes, so its outcome is reported (and the next orders
+    /// fetched) without waiting for the next heartbeat.
+    finished: tokio::sync::Notify,
     store: Arc<PieceStore>,
     slots: Semaphore,
     state: Mutex<State>,
@@ -93,6 +96,7 @@ impl Copier {
     pub fn new(store: Arc<PieceStore>, endpoint: Endpoint) -> Self {
         Copier {
             inner: Arc::new(Inner {
+                finished: tokio::sync::Notify::new(),
                 store,
                 slots: Semaphore::new(MAX_RUNNING),
                 state: Mutex::new(State::default()),
@@ -127,8 +131,15 @@ impl Copier {
                 // A newer outcome for the same piece supersedes one not yet reported.
                 state.done.retain(|d| d.piece != piece);
                 state.done.push(CopyDone { piece, outcome });
+                drop(state);
+                inner.finished.notify_one();
             });
         }
+    }
+
+    /// Waits until a copy finishes (returns at once if one finished since the last wait).
+    pub async fn finished(&self) {
+        self.inner.finished.notified().await
     }
 
     /// Outcomes finished since the last call.

@@ -43,36 +43,42 @@ pub struct Membership {
 #[derive(Default)]
 struct Pending {
     corrupt: BTreeSet<PieceId>,
+    missing: BTreeSet<PieceId>,
     copied: Vec<CopyDone>,
 }
 
 impl Pending {
     fn gather(&mut self, store: &PieceStore, copier: &Copier) {
         self.corrupt.extend(store.take_corrupt());
+        self.missing.extend(store.take_missing());
         for done in copier.take_done() {
             self.copied.retain(|d| d.piece != done.piece);
             self.copied.push(done);
         }
     }
 
-    /// What the next heartbeat carries.
-    fn batch(&self) -> (Vec<PieceId>, Vec<CopyDone>) {
+    /// What the next heartbeat carries: corrupt, missing, copied.
+    fn batch(&self) -> (Vec<PieceId>, Vec<PieceId>, Vec<CopyDone>) {
         (
             self.corrupt.iter().copied().take(REPORT_BATCH).collect(),
+            self.missing.iter().copied().take(REPORT_BATCH).collect(),
             self.copied.iter().take(REPORT_BATCH).cloned().collect(),
         )
     }
 
     /// Forgets what a heartbeat delivered.
-    fn delivered(&mut self, corrupt: &[PieceId], copied: usize) {
+    fn delivered(&mut self, corrupt: &[PieceId], missing: &[PieceId], copied: usize) {
         for p in corrupt {
             self.corrupt.remove(p);
+        }
+        for p in missing {
+            self.missing.remove(p);
         }
         self.copied.drain(..copied);
     }
 
     fn is_empty(&self) -> bool {
-        self.corrupt.is_empty() && self.copied.is_empty()
+        self.corrupt.is_empty() && self.missing.is_empty() && self.copied.is_empty()
     }
 }
 
@@ -121,7 +127,7 @@ impl Membership {
                 last_inventory = tokio::time::Instant::now();
             }
             pending.gather(&self.store, &self.copier);
-            let (corrupt, copied) = pending.batch();
+            let (corrupt, missing, copied) = pending.batch();
             let copied_count = copied.len();
             let beat = Heartbeat {
                 node,
@@ -129,6 +135,7 @@ impl Membership {
                 deleted: deleted.clone(),
                 copied,
                 corrupt: corrupt.clone(),
+                missing: missing.clone(),
             };
             let reply = match self.meta.call(beat, REQUEST_TIMEOUT).await {
                 Ok(r) => r,
@@ -143,9 +150,25 @@ impl Membership {
             };
             deleted.clear();
             inventory_wanted = reply.inventory_wanted;
-            pending.delivered(&corrupt, copied_count);
+            pending.delivered(&corrupt, &missing, copied_count);
             if !corrupt.is_empty() {
                 tracing::info!("reported {} corrupt pieces to metaserver {}", corrupt.len(), self.meta);
+            }
+            if !missing.is_empty() {
+                tracing::warn!(
+                    "reported {} pieces missing here to metaserver {}",
+                    missing.len(),
+                    self.meta
+                );
+            }
+            if !reply.check.is_empty() {
+                // Checked now, so the next heartbeat carries the outcome.
+                let (store, check) = (self.store.clone(), reply.check.clone());
+                let absent = spawn_blocking(move || store.check_present(&check)).await.unwrap_or(0);
+                tracing::info!(
+                    "checked {} pieces the metaserver expects here: {absent} missing",
+                    reply.check.len()
+                );
             }
             if !reply.delete.is_empty() {
                 deleted = self.delete(reply.delete).await;
@@ -155,8 +178,12 @@ impl Membership {
                 self.copier.submit(reply.copy);
             }
             // Reports left over (beyond one heartbeat's worth) go right away too.
-            if !reply.more && pending.is_empty() {
-                tokio::time::sleep(self.heartbeat).await;
+            if !reply.more && pending.is_empty() && reply.check.is_empty() {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.heartbeat) => {}
+                    // A finished copy is reported at once: the metaserver orders the next.
+                    _ = self.copier.finished() => {}
+                }
             }
         }
     }
@@ -230,19 +257,21 @@ mod tests {
             piece: 1,
             outcome: Ok(3),
         });
-        let (corrupt, copied) = p.batch();
+        p.missing.insert(9);
+        let (corrupt, missing, copied) = p.batch();
         assert_eq!(corrupt.len(), REPORT_BATCH);
+        assert_eq!(missing, vec![9]);
         assert_eq!(copied.len(), 1);
         // Not delivered (the heartbeat failed): the same again.
-        assert_eq!(p.batch(), (corrupt.clone(), copied.clone()));
+        assert_eq!(p.batch(), (corrupt.clone(), missing.clone(), copied.clone()));
         // Found again meanwhile: still reported once.
         p.corrupt.insert(0);
-        p.delivered(&corrupt, copied.len());
+        p.delivered(&corrupt, &missing, copied.len());
         assert!(!p.is_empty());
-        let (rest, copied) = p.batch();
+        let (rest, missing, copied) = p.batch();
         assert_eq!(rest, (REPORT_BATCH as u64..REPORT_BATCH as u64 + 5).collect::<Vec<_>>());
-        assert!(copied.is_empty());
-        p.delivered(&rest, 0);
+        assert!(copied.is_empty() && missing.is_empty());
+        p.delivered(&rest, &[], 0);
         assert!(p.is_empty());
     }
 }

@@ -175,20 +175,17 @@ impl Footer {
         if let Some(found) = at(FOOTER_LEN_V1).and_then(|f| parse(f, 1)) {
             return found;
         }
-        match at(FOOTER_LEN_V1) {
-            None => Err(FormatError::BadFileLength { file_len }),
-            Some(f) if f[0..4] != MAGIC => {
-                let v2 = at(FOOTER_LEN).map(|f| &f[0..4] == MAGIC).unwrap_or(false);
-                if v2 {
-                    let version = at(FOOTER_LEN).map(|f| u16::from_le_bytes([f[4], f[5]])).unwrap_or(0);
-                    Err(FormatError::BadVersion(version))
-                } else {
-                    Err(FormatError::BadMagic {
-                        found: f[0..4].try_into().expect("4 bytes"),
-                    })
-                }
-            }
-            Some(f) => Err(FormatError::BadVersion(u16::from_le_bytes([f[4], f[5]]))),
+        // Neither footer: say what is there instead.
+        let Some(v1) = at(FOOTER_LEN_V1) else {
+            return Err(FormatError::BadFileLength { file_len });
+        };
+        let v2 = at(FOOTER_LEN).filter(|f| f[0..4] == MAGIC);
+        match (v2, v1[0..4] == MAGIC) {
+            (Some(f), _) => Err(FormatError::BadVersion(u16::from_le_bytes([f[4], f[5]]))),
+            (None, true) => Err(FormatError::BadVersion(u16::from_le_bytes([v1[4], v1[5]]))),
+            (None, false) => Err(FormatError::BadMagic {
+                found: v1[0..4].try_into().expect("4 bytes"),
+            }),
         }
     }
 }

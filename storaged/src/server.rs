@@ -109,7 +109,12 @@ async fn receive_piece(
             let opened = spawn_blocking(move || s.open_base(b))
                 .await
                 .map_err(join_error)?
-                .map_err(|e| RemoteError::new(e.to_remote().kind, format!("base of piece {piece}: {e}")))?;
+                .map_err(|e| {
+                    if matches!(e, StoreError::NotFound { .. }) {
+                        store.note_missing(b.piece);
+                    }
+                    RemoteError::new(e.to_remote().kind, format!("base of piece {piece}: {e}"))
+                })?;
             let ready: Result<BaseOpened, RemoteError> = Ok(BaseOpened { len: opened.len() });
             match tokio::time::timeout(SEGMENT_TIMEOUT, frame::write_frame(send, &ready)).await {
                 Ok(Ok(())) => {}
@@ -199,7 +204,9 @@ async fn send_range(store: Arc<PieceStore>, req: ReadPiece, send: &mut SendStrea
     let reader = match opened {
         Ok(Ok(r)) => Arc::new(r),
         Ok(Err(e)) => {
-            if !matches!(e, StoreError::NotFound { .. }) {
+            if matches!(e, StoreError::NotFound { .. }) {
+                store.note_missing(piece);
+            } else {
                 tracing::warn!("read of piece {piece} for {remote} failed: {e}");
             }
             let _ = reply::<ReadPiece>(send, Err(e.to_remote())).await;

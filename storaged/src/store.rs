@@ -163,7 +163,7 @@ fn accounted_len(file_len: u64) -> u64 {
     piece_format::data_len_from_file_len(file_len).unwrap_or(file_len)
 }
 
-/// Pieces found corrupt and not yet handed to membership for reporting.
+/// Pieces found corrupt (or missing) and not yet handed to membership for reporting.
 #[derive(Debug, Default)]
 struct CorruptSet(Mutex<BTreeSet<PieceId>>);
 
@@ -197,6 +197,8 @@ pub struct PieceStore {
     next_temp: AtomicU64,
     counters: Mutex<Counters>,
     corrupt: Arc<CorruptSet>,
+    /// Pieces asked for (or to be checked) and found absent, until membership reports them.
+    missing: CorruptSet,
     // Held for the life of the store: a second daemon on the same directory is refused.
     _lock: File,
 }
@@ -245,6 +247,7 @@ impl PieceStore {
             next_temp: AtomicU64::new(0),
             counters: Mutex::new(Counters::default()),
             corrupt: Arc::new(CorruptSet::default()),
+            missing: CorruptSet::default(),
             _lock: lock,
         };
         let mut counters = Counters::default();
@@ -408,6 +411,30 @@ impl PieceStore {
     /// Pieces found corrupt since the last call (each once, however often it was found).
     pub fn take_corrupt(&self) -> Vec<PieceId> {
         self.corrupt.take()
+    }
+
+    /// Remembers that `piece` was asked for and is not here (a reader or a rewrite wanted
+    /// it): the metaserver decides whether this daemon should have had it.
+    pub fn note_missing(&self, piece: PieceId) {
+        self.missing.insert(piece);
+    }
+
+    /// Pieces noted missing since the last call.
+    pub fn take_missing(&self) -> Vec<PieceId> {
+        self.missing.take()
+    }
+
+    /// Checks pieces the metaserver believes are here; notes the absent ones as missing and
+    /// returns how many were.
+    pub fn check_present(&self, pieces: &[PieceId]) -> usize {
+        let mut absent = 0;
+        for &piece in pieces {
+            if !self.layout.piece_path(piece).exists() {
+                self.note_missing(piece);
+                absent += 1;
+            }
+        }
+        absent
     }
 
     /// The data length of a piece (its trailer checked, not its blocks).

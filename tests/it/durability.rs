@@ -7,6 +7,7 @@
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use dfs_tests::{Cluster, close, locate, write_file};
 
@@ -187,4 +188,106 @@ fn a_lock_holder_writes_on_top_of_what_the_previous_holder_wrote() {
     close(on_a).unwrap();
     assert_eq!(fs::read(b.join("shared")).unwrap(), b"BBBB\0\0\0\0A");
     assert_eq!(fs::read(a.join("shared")).unwrap(), b"BBBB\0\0\0\0A");
+}
+
+/// Piece files stored by the daemons in `names`.
+fn stored(cluster: &Cluster, names: &[&str]) -> usize {
+    names.iter().map(|n| cluster.stored_pieces(n)).sum()
+}
+
+/// A daemon comes back with an empty disk (replaced): the copies it was recorded with are
+/// found missing and re-made, and `dfs status` never calls the cluster healthy meanwhile.
+#[test]
+fn copies_lost_with_a_wiped_disk_are_found_and_remade_and_status_tells_the_truth() {
+    let _serial = serial();
+    let tweak = |c: &mut dfs_common::Config| {
+        let m = c.metaserver.as_mut().unwrap();
+        m.replicas = 2;
+        m.orphan_piece_grace_secs = 10;
+    };
+    let mut cluster = Cluster::with(dfs_tests::Options {
+        storage_daemons: 2,
+        tweak,
+        ..Default::default()
+    });
+    let mnt = cluster.mount();
+    let names = ["storage-1", "storage-2"];
+    for i in 0..200 {
+        write_file(
+            &mnt.join(format!("f{i}")),
+            format!("file number {i}").repeat(50).as_bytes(),
+        )
+        .unwrap();
+    }
+    dfs_tests::wait_until("400 copies stored", Duration::from_secs(30), || {
+        stored(&cluster, &names) == 400 && cluster.status().redundancy.copies == 400
+    });
+    cluster.unmount(&mnt);
+    for n in names {
+        cluster.kill_daemon(n);
+    }
+    cluster.kill_metaserver();
+    fs::remove_dir_all(cluster.data_dir("storage-2").join("pieces")).unwrap();
+    cluster.start_metaserver();
+    for n in names {
+        cluster.start_daemon(n);
+    }
+    let started = Instant::now();
+    let mut said_healthy_while_missing = Vec::new();
+    dfs_tests::wait_until("the lost copies re-made", Duration::from_secs(90), || {
+        let Some(r) = cluster.try_status() else { return false };
+        let on_disk = stored(&cluster, &names);
+        let d = &r.redundancy;
+        let healthy = d.lost == 0 && d.unavailable == 0 && d.under_replicated == 0 && d.unverified_daemons == 0;
+        if healthy && d.scanned_ms_ago < 5000 && on_disk < 400 {
+            said_healthy_while_missing.push(format!(
+                "{:?}: healthy, {} copies recorded, {on_disk} stored",
+                started.elapsed(),
+                d.copies
+            ));
+        }
+        healthy && d.copies == 400 && on_disk == 400
+    });
+    assert!(said_healthy_while_missing.is_empty(), "{said_healthy_while_missing:#?}");
+    let mnt = cluster.mount();
+    dfs_tests::drop_caches();
+    for i in 0..200 {
+        assert_eq!(
+            fs::read(mnt.join(format!("f{i}"))).unwrap(),
+            format!("file number {i}").repeat(50).as_bytes()
+        );
+    }
+}
+
+/// A copy deleted by hand while everything runs is reported by the first read that misses
+/// it (the read itself is served by the other copy), and re-made.
+#[test]
+fn a_read_that_finds_a_copy_missing_reports_it_and_the_copy_is_remade() {
+    let _serial = serial();
+    let tweak = |c: &mut dfs_common::Config| c.metaserver.as_mut().unwrap().replicas = 2;
+    let mut cluster = Cluster::with(dfs_tests::Options {
+        storage_daemons: 2,
+        tweak,
+        ..Default::default()
+    });
+    let mnt = cluster.mount();
+    let path = mnt.join("f");
+    write_file(&path, b"precious").unwrap();
+    let loc = locate(&cluster, std::slice::from_ref(&path))[0].chunks[0].clone();
+    assert_eq!(loc.nodes.len(), 2);
+    // Reads start at copy `piece % copies`: take that one away.
+    let first = loc.nodes[(loc.piece % 2) as usize].name.clone();
+    let file = cluster.piece_path(&first, loc.piece);
+    fs::remove_file(&file).unwrap();
+    dfs_tests::drop_caches();
+    assert_eq!(fs::read(&path).unwrap(), b"precious");
+    dfs_tests::wait_until("the missing copy re-made", Duration::from_secs(30), || file.exists());
+    dfs_tests::wait_until("two copies recorded", Duration::from_secs(10), || {
+        let d = cluster.status().redundancy;
+        d.copies == 2 && d.under_replicated == 0
+    });
+    assert!(
+        cluster.logs().contains("lacks"),
+        "the metaserver says which daemon lacked a copy"
+    );
 }

@@ -318,7 +318,7 @@ impl Differential {
     /// Generates the next operation for one mount.
     fn generate(&self, r: &mut Rng) -> Op {
         let dir = r.dir();
-        let path = join(&dir, r.file());
+        let path = join(dir, r.file());
         let any_path = |r: &mut Rng| {
             if r.chance(20) {
                 r.subdir().to_string()
