@@ -124,6 +124,12 @@ fn main() {
                 }],
                 min_size: 4096 + i as u64 % 2,
                 attrs: Default::default(),
+                id: dfs_proto::meta::CommitId {
+                    client: 1,
+                    seq: i as u64,
+                    settled_below: i as u64,
+                },
+                fence: None,
             })
             .await
             .unwrap();

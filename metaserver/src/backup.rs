@@ -58,6 +58,7 @@ pub fn write_snapshot(db: &Database, path: &Path) -> Result<u64> {
     records += copy_table(&snapshot, &txn, XATTRS)?;
     records += copy_table(&snapshot, &txn, SESSIONS)?;
     records += copy_table(&snapshot, &txn, NODES)?;
+    records += copy_table(&snapshot, &txn, COMMITS)?;
     records += copy_table(&snapshot, &txn, META)?;
     txn.commit()?;
     Ok(records)

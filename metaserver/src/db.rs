@@ -75,6 +75,7 @@ pub struct WriteCtx<'t> {
     pub sessions: Table<'t, u64, ()>,
     pub nodes: Table<'t, u32, &'static [u8]>,
     pub meta: Table<'t, &'static str, u64>,
+    pub commits: Table<'t, (u64, u64), &'static [u8]>,
     pub effects: Effects,
     pub now: Timestamp,
     /// Whether an inode that just lost its last link may go at once (no mount has it open).
@@ -103,6 +104,7 @@ impl<'t> WriteCtx<'t> {
             sessions: txn.open_table(SESSIONS)?,
             nodes: txn.open_table(NODES)?,
             meta: txn.open_table(META)?,
+            commits: txn.open_table(COMMITS)?,
             effects: Effects::default(),
             now: Timestamp::now(),
             may_delete,
@@ -178,6 +180,7 @@ pub struct ReadCtx {
     pub sessions: ReadOnlyTable<u64, ()>,
     pub nodes: ReadOnlyTable<u32, &'static [u8]>,
     pub meta: ReadOnlyTable<&'static str, u64>,
+    pub commits: ReadOnlyTable<(u64, u64), &'static [u8]>,
 }
 
 impl ReadCtx {
@@ -193,6 +196,7 @@ impl ReadCtx {
             sessions: txn.open_table(SESSIONS)?,
             nodes: txn.open_table(NODES)?,
             meta: txn.open_table(META)?,
+            commits: txn.open_table(COMMITS)?,
         })
     }
 

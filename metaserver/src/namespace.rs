@@ -11,8 +11,8 @@ use std::ops::Bound;
 use dfs_common::config::MAX_REPLICAS;
 use dfs_proto::ErrorKind;
 use dfs_proto::meta::{
-    AttrChanges, DirEntry, DirPage, MAX_XATTR_LIST, MAX_XATTR_NAME, MAX_XATTR_VALUE, RenameMode, SetAttr, TimeSet,
-    WrittenPiece, XattrMode,
+    AttrChanges, CommitId, DirEntry, DirPage, MAX_XATTR_LIST, MAX_XATTR_NAME, MAX_XATTR_VALUE, RenameMode, SetAttr,
+    TimeSet, WrittenPiece, XattrMode,
 };
 use dfs_proto::names::{MAX_SYMLINK_LEN, validate_name};
 use dfs_proto::types::{Attr, FileKind, Ino, NodeId, PieceId, ROOT_INO};
@@ -709,6 +709,62 @@ pub fn commit_write(
     Ok(rec.attr(ino))
 }
 
+/// How long the answer of a commit is kept for a retry (far beyond any request deadline).
+pub const COMMIT_ANSWER_KEPT_SECS: u64 = 3600;
+
+/// [`commit_write`] under the name `id`, applied once: a retry of a commit that was applied
+/// (its answer lost) gets the first answer, instead of referencing pieces again that may have
+/// been replaced and deleted since. `check` runs before a first attempt is applied (the
+/// lock fence); answers the client has settled are forgotten.
+#[allow(clippy::too_many_arguments)]
+pub fn commit_write_once(
+    ctx: &mut WriteCtx<'_>,
+    id: CommitId,
+    check: impl FnOnce() -> Result<()>,
+    ino: Ino,
+    pieces: &[WrittenPiece],
+    min_size: u64,
+    attrs: &AttrChanges,
+    chunk_size: u64,
+) -> Result<Attr> {
+    if id.settled_below > 0 {
+        let settled = (id.client, 0)..(id.client, id.settled_below.min(id.seq));
+        ctx.commits.retain_in(settled, |_, _| false)?;
+    }
+    if let Some(v) = ctx.commits.get((id.client, id.seq))? {
+        let (_, attr): (u64, Attr) = postcard::from_bytes(v.value()).map_err(|source| MetaError::Corrupt {
+            what: format!("answer of commit {} of client {:#x}", id.seq, id.client),
+            source,
+        })?;
+        return Ok(attr);
+    }
+    check()?;
+    let attr = commit_write(ctx, ino, pieces, min_size, attrs, chunk_size)?;
+    let answer = postcard::to_stdvec(&(ctx.now.secs.max(0) as u64, attr)).expect("answer serializes");
+    ctx.commits.insert((id.client, id.seq), answer.as_slice())?;
+    Ok(attr)
+}
+
+/// Forgets commit answers older than [`COMMIT_ANSWER_KEPT_SECS`] (of mounts that went away
+/// without settling them); returns how many.
+pub fn forget_old_commits(ctx: &mut WriteCtx<'_>) -> Result<u64> {
+    let cutoff = (ctx.now.secs.max(0) as u64).saturating_sub(COMMIT_ANSWER_KEPT_SECS);
+    let mut old = Vec::new();
+    for item in ctx.commits.iter()? {
+        let (key, value) = item?;
+        let secs = postcard::from_bytes::<(u64, Attr)>(value.value())
+            .map(|(s, _)| s)
+            .unwrap_or(0);
+        if secs < cutoff {
+            old.push(key.value());
+        }
+    }
+    for key in &old {
+        ctx.commits.remove(*key)?;
+    }
+    Ok(old.len() as u64)
+}
+
 /// Deletes an orphaned inode and queues its pieces for deletion, unless a mount opened it
 /// since (through `/proc/PID/fd`, say): the decision is the transaction's own (`may_delete`).
 pub fn reap_orphan(ctx: &mut WriteCtx<'_>, ino: Ino) -> Result<()> {
@@ -1227,6 +1283,55 @@ mod tests {
         f.write(|c| ack_deletes(c, 2, &[10])).unwrap();
         assert!(f.write(|c| add_replica(c, file, 0, 10, 2, Some(1))).unwrap());
         assert_eq!(chunk(&f.read(), file, 0).unwrap().unwrap().nodes, vec![2]);
+    }
+
+    #[test]
+    fn a_retried_commit_is_answered_not_applied_again() {
+        let f = Fixture::new();
+        let file = f.mk(ROOT_INO, "f", FileKind::RegularFile);
+        let id = |client, seq, settled_below| CommitId {
+            client,
+            seq,
+            settled_below,
+        };
+        let ok = || Ok(());
+        let commit = |c: &mut WriteCtx<'_>, id, p: WrittenPiece| {
+            commit_write_once(c, id, ok, file, &[p], 100, &AttrChanges::default(), CS)
+        };
+        // Mount A commits piece 10; its answer is lost.
+        let first = f.write(|c| commit(c, id(1, 7, 1), piece(0, 10, 100))).unwrap();
+        // Mount B replaces the chunk; piece 10 is deleted and the deletion confirmed.
+        f.write(|c| commit(c, id(2, 1, 1), piece(0, 20, 100))).unwrap();
+        f.write(|c| ack_deletes(c, 1, &[10])).unwrap();
+        assert!(f.read().deletes.get((1, 10)).unwrap().is_none());
+        // A's retry gets the first answer and changes nothing.
+        let again = f.write(|c| commit(c, id(1, 7, 1), piece(0, 10, 100))).unwrap();
+        assert_eq!(again, first);
+        let r = f.read();
+        assert_eq!(
+            chunk(&r, file, 0).unwrap().unwrap().piece,
+            20,
+            "the deleted piece is not referenced again"
+        );
+        assert!(r.node_pieces.get((1, 10)).unwrap().is_none());
+        drop(r);
+        // Settled answers are forgotten; a fence that fails stops a first attempt only.
+        f.write(|c| commit(c, id(1, 8, 8), piece(0, 21, 100))).unwrap();
+        assert!(f.read().commits.get((1, 7)).unwrap().is_none());
+        let refused = f.write(|c| {
+            commit_write_once(
+                c,
+                id(1, 9, 9),
+                || Err(fs_err(ErrorKind::Stale, "lock lost")),
+                file,
+                &[piece(0, 22, 100)],
+                100,
+                &AttrChanges::default(),
+                CS,
+            )
+        });
+        assert_eq!(f.kind_of(refused), ErrorKind::Stale);
+        assert_eq!(chunk(&f.read(), file, 0).unwrap().unwrap().piece, 21);
     }
 
     #[test]

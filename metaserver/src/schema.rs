@@ -34,6 +34,9 @@ pub const ORPHANS: TableDefinition<u64, ()> = TableDefinition::new("orphans");
 pub const XATTRS: TableDefinition<(u64, &[u8]), &[u8]> = TableDefinition::new("xattrs");
 /// Live mount sessions (awaited after a restart before anything unlinked is deleted).
 pub const SESSIONS: TableDefinition<u64, ()> = TableDefinition::new("sessions");
+/// (mount's commit client id, sequence number) -> postcard((unix secs, Attr)): the answer
+/// of each recent commit, so that a retried one is answered, not applied again.
+pub const COMMITS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("commits");
 /// node id -> postcard(NodeRecord)
 pub const NODES: TableDefinition<u32, &[u8]> = TableDefinition::new("nodes");
 /// Named counters and settings.

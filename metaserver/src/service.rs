@@ -55,7 +55,9 @@ pub struct MetaService {
     piece_ids: tokio::sync::Mutex<(PieceId, PieceId)>,
     inventories: Mutex<HashMap<NodeId, HashSet<PieceId>>>,
     reaper: Arc<Notify>,
-    locks: ClusterLocks,
+    locks: Arc<ClusterLocks>,
+    /// When commit answers kept for retries were last swept of the ones nobody settled.
+    commits_swept: Mutex<Option<Instant>>,
     pub(crate) settings: Settings,
     pub(crate) healer: Mutex<HealerState>,
     /// Held by the scan under way (one at a time: two would plan the same copies twice).
@@ -164,7 +166,8 @@ impl MetaService {
             piece_ids: tokio::sync::Mutex::new((limit, limit)),
             inventories: Mutex::new(HashMap::new()),
             reaper,
-            locks: ClusterLocks::default(),
+            locks: Arc::new(ClusterLocks::default()),
+            commits_swept: Mutex::new(None),
             settings,
             healer: Mutex::new(HealerState::default()),
             scanning: tokio::sync::Mutex::new(()),
@@ -314,7 +317,8 @@ impl MetaService {
         if let Some(old) = opened.replaces {
             self.locks.release_session(old);
         }
-        for (ino, range) in self.locks.reclaim(opened.session, &req.locks) {
+        let (holds, lost) = self.locks.reclaim(opened.session, &req.locks);
+        for (ino, range) in lost {
             tracing::error!(
                 "{} lost its lock on bytes {}..={} of inode {ino}: another mount took it while the session was away",
                 req.client,
@@ -331,6 +335,7 @@ impl MetaService {
         );
         Ok(SessionInfo {
             session: opened.session,
+            holds,
             chunk_size: self.settings.chunk_size,
             keepalive_ms: (self.settings.session_timeout.as_millis() / 4).max(200) as u32,
         })
@@ -664,8 +669,33 @@ impl MetaService {
 
     pub async fn commit_write(&self, req: CommitWrite) -> Result<Attr> {
         let chunk_size = self.settings.chunk_size;
-        self.write(move |ctx| namespace::commit_write(ctx, req.ino, &req.pieces, req.min_size, &req.attrs, chunk_size))
-            .await
+        let locks = self.locks.clone();
+        self.write(move |ctx| {
+            // Checked in the transaction: writes made under a lock land only while it is held,
+            // never after the next holder's (the lease was lost with an expired session).
+            let fenced = || match req.fence {
+                Some(f) if !locks.still_held(f.session, req.ino, f.hold) => Err(MetaError::fs(
+                    ErrorKind::Stale,
+                    format!(
+                        "inode {}: the lock these writes were made under was lost before they were committed \
+                         (session {} expired, or the metaserver restarted)",
+                        req.ino, f.session
+                    ),
+                )),
+                _ => Ok(()),
+            };
+            namespace::commit_write_once(
+                ctx,
+                req.id,
+                fenced,
+                req.ino,
+                &req.pieces,
+                req.min_size,
+                &req.attrs,
+                chunk_size,
+            )
+        })
+        .await
     }
 
     // ------------------------------------------------------------------------------------------
@@ -1007,6 +1037,7 @@ impl MetaService {
             }
         }
         self.expire_snapshots(now);
+        self.sweep_commit_answers(now).await;
         let due = lock(&self.healer).scan_due(now);
         if due && let Err(e) = self.heal().await {
             tracing::error!("cannot scan for pieces needing copies: {e}");
@@ -1050,6 +1081,22 @@ impl MetaService {
         match result {
             Ok(()) => tracing::debug!("reaped {n} unlinked files"),
             Err(e) => tracing::error!("cannot reap unlinked files: {e}"),
+        }
+    }
+
+    /// Hourly (and at start): forgets commit answers of mounts that went away unsettled.
+    async fn sweep_commit_answers(&self, now: Instant) {
+        {
+            let mut swept = lock(&self.commits_swept);
+            if swept.is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(3600)) {
+                return;
+            }
+            *swept = Some(now);
+        }
+        match self.write(namespace::forget_old_commits).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!("forgot {n} commit answers kept for retries"),
+            Err(e) => tracing::error!("cannot sweep commit answers: {e}"),
         }
     }
 

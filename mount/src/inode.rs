@@ -78,6 +78,8 @@ pub struct Writer {
     pub fresh: bool,
     pub clock: u64,
     pub last_write: Instant,
+    /// The lock hold the uncommitted writes were made under (the first seen), if any.
+    pub fence: Option<dfs_proto::meta::Fence>,
 }
 
 impl Default for Writer {
@@ -93,6 +95,7 @@ impl Default for Writer {
             fresh: false,
             clock: 0,
             last_write: Instant::now(),
+            fence: None,
         }
     }
 }
@@ -168,6 +171,7 @@ impl Writer {
         self.dirty = false;
         self.fresh = false;
         self.error = None;
+        self.fence = None;
     }
 }
 

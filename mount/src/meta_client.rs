@@ -1,12 +1,14 @@
 //! The mount's connection to the metaserver: requests with deadlines, and a session that
 //! survives metaserver restarts (re-declaring the files this mount holds open).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dfs_proto::locks::{LockKind, LockOwner, LockTable};
-use dfs_proto::meta::{CloseSession, KeepAlive, OpenSession, Release, SessionInfo};
+use dfs_proto::meta::{CloseSession, CommitId, CommitWrite, Fence, KeepAlive, OpenSession, Release, SessionInfo};
+use dfs_proto::types::Attr;
 use dfs_proto::types::{HandleId, Ino, SessionId};
 use dfs_proto::{Call, ErrorKind, Peer, RpcError};
 
@@ -22,7 +24,19 @@ pub struct MetaClient {
     /// Locks this mount holds, by inode (owners are kernel lock owners; the session part is
     /// unused), claimed again when a session is re-established.
     held_locks: Mutex<HashMap<Ino, LockTable>>,
+    /// The metaserver's hold of this mount's locks on each inode: writes made under it are
+    /// committed only while it lasts.
+    holds: Mutex<HashMap<Ino, Fence>>,
+    /// Names commits (with `next_commit`) so that a retry is recognised.
+    commit_client: u64,
+    next_commit: AtomicU64,
+    /// Commits not answered yet (the lowest tells the metaserver which answers it may forget).
+    unsettled: Mutex<BTreeSet<u64>>,
 }
+
+/// Attempts at one commit when the metaserver cannot be reached (a restart takes a second or
+/// two): each is bounded by the request timeout.
+const COMMIT_ATTEMPTS: u32 = 3;
 
 /// Session part of the owners in `held_locks`: the metaserver's session id is not part of
 /// what this mount remembers.
@@ -38,7 +52,50 @@ impl MetaClient {
             open_files: Mutex::new(HashMap::new()),
             unsent_releases: Mutex::new(Vec::new()),
             held_locks: Mutex::new(HashMap::new()),
+            holds: Mutex::new(HashMap::new()),
+            commit_client: commit_client_id(),
+            next_commit: AtomicU64::new(1),
+            unsettled: Mutex::new(BTreeSet::new()),
         }
+    }
+
+    /// Commits written pieces. The commit is named, so it is retried (same name) when the
+    /// metaserver cannot be reached, and a retry of one that was applied gets its answer.
+    pub async fn commit(&self, mut request: CommitWrite) -> Result<Attr, RpcError> {
+        let seq = self.next_commit.fetch_add(1, Ordering::Relaxed);
+        let settled_below = {
+            let mut unsettled = self.unsettled.lock().expect("unsettled");
+            unsettled.insert(seq);
+            *unsettled.first().expect("just inserted")
+        };
+        request.id = CommitId {
+            client: self.commit_client,
+            seq,
+            settled_below,
+        };
+        let mut attempt = 1;
+        let result = loop {
+            match self.call(request.clone()).await {
+                Err(e) if e.is_unavailable() && attempt < COMMIT_ATTEMPTS => {
+                    tracing::info!("commit of inode {} not answered ({e}); asking again", request.ino);
+                    tokio::time::sleep(Duration::from_millis(300 * attempt as u64)).await;
+                    attempt += 1;
+                }
+                other => break other,
+            }
+        };
+        self.unsettled.lock().expect("unsettled").remove(&seq);
+        result
+    }
+
+    /// The hold under which writes to `ino` are made now, if this mount holds a lock on it.
+    pub fn fence(&self, ino: Ino) -> Option<Fence> {
+        self.holds.lock().expect("holds").get(&ino).copied()
+    }
+
+    /// Records the hold the metaserver answered a granted lock with.
+    pub fn note_hold(&self, ino: Ino, fence: Fence) {
+        self.holds.lock().expect("holds").insert(ino, fence);
     }
 
     pub fn peer(&self) -> &Peer {
@@ -90,6 +147,20 @@ impl MetaClient {
             );
         }
         *slot = Some(info.session);
+        // Locks claimed again come with new holds: writes made under the old ones (before the
+        // metaserver restarted, or the session expired) are not committed.
+        let mut holds = self.holds.lock().expect("holds");
+        holds.clear();
+        for &(ino, hold) in &info.holds {
+            holds.insert(
+                ino,
+                Fence {
+                    session: info.session,
+                    hold,
+                },
+            );
+        }
+        drop(holds);
         Ok(info)
     }
 
@@ -143,6 +214,7 @@ impl MetaClient {
         table.apply(LockOwner { session: LOCAL, owner }, pid, start, end, kind);
         if table.is_empty() {
             held.remove(&ino);
+            self.holds.lock().expect("holds").remove(&ino);
         }
     }
 
@@ -210,4 +282,20 @@ impl MetaClient {
             }
         }
     }
+}
+
+/// An id for this mount's commits, distinct from other mounts' and earlier runs'.
+fn commit_client_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ ((std::process::id() as u64) << 40) ^ hostname_hash()
+}
+
+fn hostname_hash() -> u64 {
+    let name = std::fs::read("/proc/sys/kernel/hostname").unwrap_or_default();
+    name.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x1000_0000_01b3)
+    })
 }

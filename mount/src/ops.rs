@@ -453,8 +453,13 @@ impl Mount {
                 })
                 .await?;
             match outcome {
-                LockOutcome::Granted => {
+                LockOutcome::Granted { hold } => {
                     self.meta.note_lock(ino, owner, pid, start, end, kind);
+                    if kind != LockKind::Unlock
+                        && let Ok(session) = self.meta.session_id().await
+                    {
+                        self.meta.note_hold(ino, Fence { session, hold });
+                    }
                     if kind != LockKind::Unlock {
                         self.drop_cached(ino).await;
                     }
@@ -753,12 +758,18 @@ impl Mount {
             pieces: w.done.clone(),
             min_size: w.end,
             attrs: state.held_attrs(),
+            id: CommitId::default(),
+            fence: w.fence,
         };
         // Nothing is taken from the writer until the commit is known to have happened.
-        let attr = match self.meta.call(request).await {
+        let attr = match self.meta.commit(request).await {
             Ok(attr) => attr,
             Err(e) => {
-                let e = FsError::from(e);
+                // Refused as stale (a lock lost, a piece gone): to the writer, an I/O error.
+                let e = match FsError::from(e) {
+                    e if e.errno == libc::ESTALE => FsError::io(e.message),
+                    e => e,
+                };
                 tracing::warn!("inode {}: cannot commit written data: {e}", state.ino);
                 self.fail_writes(state, w, &e);
                 return Err(e);
@@ -768,6 +779,7 @@ impl Mount {
         w.dirty = false;
         w.fresh = false;
         w.end = 0;
+        w.fence = None;
         state.clear_held_attrs();
         state.mark_clean();
         // The page cache holds what was just written: that is this version.
@@ -808,6 +820,9 @@ impl Mount {
             // A stream of earlier writes failed: they are lost (and their writers told).
             self.fail_writes(&state, &mut w, &e);
         }
+        if w.fence.is_none() {
+            w.fence = self.meta.fence(ino);
+        }
         let len = data.len();
         let mut pos = 0usize;
         while pos < len {
@@ -845,8 +860,10 @@ impl Mount {
                 pieces: w.done.clone(),
                 min_size: 0,
                 attrs: Default::default(),
+                id: CommitId::default(),
+                fence: w.fence,
             };
-            match self.meta.call(request).await {
+            match self.meta.commit(request).await {
                 Ok(_) => {
                     w.done.clear();
                     state.cache.lock().await.invalidate();

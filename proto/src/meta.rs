@@ -61,6 +61,9 @@ pub struct OpenSession {
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct SessionInfo {
     pub session: SessionId,
+    /// The holds of the locks claimed again (`OpenSession::locks`), by inode: writes made
+    /// under them are fenced with these (see [`Fence`]).
+    pub holds: Vec<(Ino, u64)>,
     /// Size of the fixed chunks files are split into; constant for the life of a cluster.
     pub chunk_size: u64,
     /// How often the mount must renew its session.
@@ -347,6 +350,31 @@ pub struct CommitWrite {
     pub min_size: u64,
     /// Attribute changes made while the writes were pending, applied after them.
     pub attrs: AttrChanges,
+    /// Names this commit, so that a retry (its answer was lost) is answered as the first
+    /// attempt was instead of being applied again.
+    pub id: CommitId,
+    /// The writes were made while this mount held a lock on the file: they are committed
+    /// only if that lock is still held (not lost with an expired session meanwhile, in which
+    /// case another mount may have taken the lock and written since).
+    pub fence: Option<Fence>,
+}
+
+/// A commit's name: the committing mount's id (random, for the life of the mount process)
+/// and a sequence number.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CommitId {
+    pub client: u64,
+    pub seq: u64,
+    /// Every commit of this client with a lower sequence number has been answered: the
+    /// metaserver may forget them.
+    pub settled_below: u64,
+}
+
+/// A lock held by a session on a file, as granted ([`LockOutcome::Granted`]).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub session: SessionId,
+    pub hold: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -614,7 +642,11 @@ pub struct SetLock {
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockOutcome {
-    Granted,
+    /// Granted; `hold` names the session's hold of locks on the file (the same while it keeps
+    /// at least one lock there, a new one once it held none). Unlocks answer 0.
+    Granted {
+        hold: u64,
+    },
     Conflict(Conflict),
 }
 

@@ -291,3 +291,36 @@ fn a_read_that_finds_a_copy_missing_reports_it_and_the_copy_is_remade() {
         "the metaserver says which daemon lacked a copy"
     );
 }
+
+/// Writes made under a lock are committed only while the lock is held: a mount that was
+/// frozen past its session timeout lost its lock to another mount, which wrote; the frozen
+/// mount's late commit is refused (its close reports it) instead of overwriting.
+#[test]
+fn a_late_commit_after_the_lock_was_lost_is_refused() {
+    let _serial = serial();
+    let tweak = |c: &mut dfs_common::Config| c.metaserver.as_mut().unwrap().session_timeout_ms = 2000;
+    let mut cluster = Cluster::with(dfs_tests::Options {
+        storage_daemons: 1,
+        tweak,
+        ..Default::default()
+    });
+    let (a, b) = (cluster.mount(), cluster.mount());
+    write_file(&a.join("db"), b"original").unwrap();
+    let on_a = OpenOptions::new().write(true).open(a.join("db")).unwrap();
+    flock(&on_a, libc::LOCK_EX);
+    on_a.write_all_at(b"AAAAAAAA", 0).unwrap();
+    // Mount A freezes (a long pause, a partition) with the write not committed.
+    cluster.signal_mount(&a, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(4));
+    // Its session expired: B gets the lock and writes.
+    let on_b = OpenOptions::new().write(true).open(b.join("db")).unwrap();
+    flock(&on_b, libc::LOCK_EX);
+    on_b.write_all_at(b"BBBBBBBB", 0).unwrap();
+    flock(&on_b, libc::LOCK_UN);
+    close(on_b).unwrap();
+    cluster.signal_mount(&a, libc::SIGCONT);
+    let e = close(on_a).expect_err("A's writes were made under a lock it lost");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert_eq!(fs::read(b.join("db")).unwrap(), b"BBBBBBBB");
+    assert!(cluster.logs().contains("lock these writes were made under was lost"));
+}

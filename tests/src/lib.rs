@@ -378,6 +378,12 @@ impl Cluster {
         }
     }
 
+    /// Sends a signal (SIGSTOP, SIGCONT...) to the process serving mount `mp`.
+    pub fn signal_mount(&mut self, mp: &Path, sig: i32) {
+        let (_, p) = self.mounts.iter_mut().find(|(p, _)| p == mp).expect("mounted");
+        p.signal(sig);
+    }
+
     /// Kills a mount process outright and detaches its (now dead) mount point.
     pub fn kill_mount(&mut self, mp: &Path) {
         let i = self.mounts.iter().position(|(p, _)| p == mp).expect("mounted");
