@@ -17,6 +17,9 @@ use tokio::sync::Notify;
 /// Longest a blocking lock request is held here before the mount is told to ask again.
 const MAX_WAIT: Duration = Duration::from_secs(2);
 
+/// What claiming locks again gave: the new holds by inode, and the locks lost meanwhile.
+pub type Reclaimed = (Vec<(Ino, u64)>, Vec<(Ino, LockRange)>);
+
 pub struct ClusterLocks {
     state: Mutex<State>,
     /// Woken whenever a lock goes away, for waiting requests to look again.
@@ -157,7 +160,7 @@ impl ClusterLocks {
         &self,
         session: SessionId,
         locks: &[(Ino, u64, u32, LockRange)],
-    ) -> (Vec<(Ino, u64)>, Vec<(Ino, LockRange)>) {
+    ) -> Reclaimed {
         let mut state = self.state();
         let mut lost = Vec::new();
         let mut inodes = Vec::new();
