@@ -156,11 +156,7 @@ impl ClusterLocks {
     /// lock meanwhile. Returns the holds of the inodes claimed, all new (writes made under the
     /// old ones are not committed: others may have taken and released the locks meanwhile),
     /// and the locks that could not be granted (that mount lost them).
-    pub fn reclaim(
-        &self,
-        session: SessionId,
-        locks: &[(Ino, u64, u32, LockRange)],
-    ) -> Reclaimed {
+    pub fn reclaim(&self, session: SessionId, locks: &[(Ino, u64, u32, LockRange)]) -> Reclaimed {
         let mut state = self.state();
         let mut lost = Vec::new();
         let mut inodes = Vec::new();
