@@ -5,7 +5,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use dfs_common::Config;
-use dfs_proto::meta::{ClusterStatus, Drain, NodeReport, NodeState};
+use dfs_proto::meta::{ClusterStatus, Drain, ForgetNode, ForgottenNode, NodeReport, NodeState};
 
 use crate::status::{StatusError, connect, human_bytes};
 
@@ -145,4 +145,21 @@ mod tests {
         assert_eq!(bar(10, 10, 10), "[##########] 100%");
         assert_eq!(bar(0, 0, 4), "[####] 100%");
     }
+}
+
+/// `dfs node forget NODE`.
+pub async fn forget(config: &Config, node: &str) -> Result<ForgottenNode, StatusError> {
+    let timeout = Duration::from_secs(10);
+    let (endpoint, peer) = connect(config, timeout)?;
+    let result = peer
+        .call(
+            ForgetNode {
+                node: node.to_owned(),
+            },
+            timeout,
+        )
+        .await
+        .map_err(StatusError::from);
+    endpoint.close(0u32.into(), b"done");
+    result
 }

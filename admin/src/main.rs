@@ -45,6 +45,11 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Storage daemons: `dfs node forget NAME` removes a dead or drained one for good.
+    Node {
+        #[command(subcommand)]
+        command: NodeCmd,
+    },
     /// Show or set the replication factor of files or directories on a dfs mount (a
     /// directory's passes to new files and directories created in it).
     Replicas {
@@ -75,6 +80,19 @@ enum Cmd {
     Cert {
         #[command(subcommand)]
         command: CertCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCmd {
+    /// Remove a storage daemon that is stopped for good (dead, or drained and retired): its
+    /// queued deletions and the copies recorded on it are dropped. Refused while it is up or
+    /// holds the only copy of anything.
+    Forget {
+        /// The daemon's name, as in `dfs status`.
+        node: String,
+        #[arg(long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
     },
 }
 
@@ -137,6 +155,17 @@ fn main() -> anyhow::Result<()> {
             if !finished && !no_wait {
                 std::process::exit(2);
             }
+            Ok(())
+        }
+        Cmd::Node {
+            command: NodeCmd::Forget { node, config },
+        } => {
+            let config = Config::load(&config)?;
+            let forgotten = runtime()?.block_on(drain::forget(&config, &node))?;
+            println!(
+                "{node} forgotten: {} copies recorded there dropped (the others remain and are re-made), {} queued deletions dropped",
+                forgotten.copies_dropped, forgotten.deletions_dropped
+            );
             Ok(())
         }
         Cmd::Replicas { path, replicas: None } => {

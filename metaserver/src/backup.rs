@@ -64,9 +64,32 @@ pub fn write_snapshot(db: &Database, path: &Path) -> Result<u64> {
     Ok(records)
 }
 
+/// Where snapshots wait to be read by `dfs-metaserver backup`.
+pub fn snapshots_dir(db_dir: &std::path::Path) -> std::path::PathBuf {
+    db_dir.join("backups")
+}
+
+/// Removes snapshots a previous run of the metaserver left (a backup interrupted by a crash
+/// or restart: nobody can read them any more); returns how many.
+pub fn remove_leftover_snapshots(db_dir: &std::path::Path) -> usize {
+    let dir = snapshots_dir(db_dir);
+    let Ok(entries) = std::fs::read_dir(&dir) else { return 0 };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("snapshot-") && name.ends_with(".redb") {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => removed += 1,
+                Err(err) => tracing::warn!("cannot remove leftover backup snapshot {}: {err}", e.path().display()),
+            }
+        }
+    }
+    removed
+}
+
 impl MetaService {
     pub async fn backup(&self, _req: Backup) -> Result<BackupSnapshot> {
-        let dir = self.db_dir.join("backups");
+        let dir = snapshots_dir(&self.db_dir);
         let id = rand_id();
         let path = dir.join(format!("snapshot-{id}.redb"));
         let db = self.db.clone();
@@ -158,6 +181,24 @@ fn rand_id() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshots_left_by_a_previous_run_are_removed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshots = snapshots_dir(dir.path());
+        std::fs::create_dir_all(&snapshots).unwrap();
+        std::fs::write(snapshots.join("snapshot-42.redb"), b"half a backup").unwrap();
+        std::fs::write(snapshots.join("keep.txt"), b"not ours").unwrap();
+        let db = crate::db::open(&dir.path().join("meta.redb"), 1 << 20).unwrap();
+        let _svc = MetaService::start(
+            std::sync::Arc::new(db),
+            dir.path().to_owned(),
+            crate::service_tests::settings(),
+        )
+        .unwrap();
+        assert!(!snapshots.join("snapshot-42.redb").exists());
+        assert!(snapshots.join("keep.txt").exists());
+    }
 
     #[test]
     fn a_snapshot_is_a_working_database_with_the_same_records() {

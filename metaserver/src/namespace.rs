@@ -883,6 +883,59 @@ pub fn remove_replica(ctx: &mut WriteCtx<'_>, ino: Ino, index: u64, piece: Piece
     Ok(true)
 }
 
+/// Removes storage daemon `name` for good: the copies it is recorded with (each piece keeps
+/// its other copies; one whose only copy is there makes this fail, changing nothing), its
+/// queued deletions, and its record. Returns (id, copies dropped, deletions dropped).
+pub fn forget_node(ctx: &mut WriteCtx<'_>, name: &str) -> Result<(NodeId, u64, u64)> {
+    let mut found = None;
+    for item in ctx.nodes.iter()? {
+        let (id, value) = item?;
+        if NodeRecord::decode(id.value(), value.value())?.name == name {
+            found = Some(id.value());
+            break;
+        }
+    }
+    let id = found.ok_or_else(|| not_found(format_args!("storage daemon {name:?}")))?;
+    let mut held = Vec::new();
+    for item in ctx.node_pieces.range((id, 0)..=(id, u64::MAX))? {
+        let (key, value) = item?;
+        let (ino, chunk, _) = value.value();
+        held.push((key.value().1, ino, chunk));
+    }
+    // Checked first: a refusal leaves everything as it was.
+    let mut only_copies = 0u64;
+    let mut example = None;
+    for &(piece, ino, index) in &held {
+        if chunk(ctx, ino, index)?.is_some_and(|c| c.piece == piece && c.nodes == [id]) {
+            only_copies += 1;
+            example.get_or_insert((piece, ino));
+        }
+    }
+    if let Some((piece, ino)) = example {
+        return Err(fs_err(
+            ErrorKind::Busy,
+            format!(
+                "{only_copies} pieces have their only copy on {name} (e.g. piece {piece} of inode {ino}): \
+                 bring it back and drain it (dfs drain {name}) first"
+            ),
+        ));
+    }
+    for &(piece, ino, index) in &held {
+        ctx.node_pieces.remove((id, piece))?;
+        if let Some(mut c) = chunk(ctx, ino, index)?.filter(|c| c.piece == piece) {
+            c.nodes.retain(|&n| n != id);
+            put_chunk(ctx, ino, index, &c)?;
+        }
+    }
+    let mut deletions = 0u64;
+    ctx.deletes.retain_in((id, 0)..=(id, u64::MAX), |_, _| {
+        deletions += 1;
+        false
+    })?;
+    ctx.nodes.remove(id)?;
+    Ok((id, held.len() as u64, deletions))
+}
+
 pub fn ack_deletes(ctx: &mut WriteCtx<'_>, node: NodeId, pieces: &[u64]) -> Result<()> {
     for &p in pieces {
         ctx.deletes.remove((node, p))?;
@@ -1332,6 +1385,41 @@ mod tests {
         });
         assert_eq!(f.kind_of(refused), ErrorKind::Stale);
         assert_eq!(chunk(&f.read(), file, 0).unwrap().unwrap().piece, 21);
+    }
+
+    #[test]
+    fn a_forgotten_daemon_takes_its_queue_and_copies_but_never_an_only_copy() {
+        let f = Fixture::new();
+        let a = f.write(|c| register_node(c, "storage-1", "x:1", None)).unwrap();
+        let b = f.write(|c| register_node(c, "storage-2", "x:2", None)).unwrap();
+        let file = f.mk(ROOT_INO, "f", FileKind::RegularFile);
+        let both = WrittenPiece {
+            chunk: 0,
+            piece: 10,
+            nodes: vec![a, b],
+            len: 5,
+        };
+        let only_b = WrittenPiece {
+            chunk: 1,
+            piece: 11,
+            nodes: vec![b],
+            len: 5,
+        };
+        f.write(|c| commit_write(c, file, &[both, only_b], CS + 5, &AttrChanges::default(), CS))
+            .unwrap();
+        f.write(|c| c.deletes.insert((b, 99), ()).map(|_| ()).map_err(Into::into)).unwrap();
+        let refused = f.write(|c| forget_node(c, "storage-2"));
+        assert_eq!(f.kind_of(refused), ErrorKind::Busy);
+        assert!(f.read().nodes.get(b).unwrap().is_some(), "nothing changed");
+        // Once the only copy has a second one elsewhere, it can go.
+        f.write(|c| add_replica(c, file, 1, 11, a, None)).unwrap();
+        assert_eq!(f.write(|c| forget_node(c, "storage-2")).unwrap(), (b, 2, 1));
+        let r = f.read();
+        assert!(r.nodes.get(b).unwrap().is_none());
+        assert_eq!(r.deletes.range((b, 0)..=(b, u64::MAX)).unwrap().count(), 0);
+        assert_eq!(chunk(&r, file, 0).unwrap().unwrap().nodes, vec![a]);
+        assert_eq!(chunk(&r, file, 1).unwrap().unwrap().nodes, vec![a]);
+        assert_eq!(f.kind_of(f.write(|c| forget_node(c, "storage-2"))), ErrorKind::NotFound);
     }
 
     #[test]

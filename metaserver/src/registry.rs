@@ -108,6 +108,11 @@ impl Registry {
         );
     }
 
+    /// Forgets a daemon removed for good.
+    pub fn remove(&mut self, id: NodeId) {
+        self.nodes.remove(&id);
+    }
+
     pub fn add_referenced(&mut self, id: NodeId, pieces: u64, bytes: u64) {
         if let Some(n) = self.nodes.get_mut(&id) {
             n.referenced_pieces += pieces;

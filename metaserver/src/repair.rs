@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use dfs_proto::ErrorKind;
-use dfs_proto::meta::{CopyDone, CopyOrder, Drain, NodeReport, NodeState as Liveness};
+use dfs_proto::meta::{CopyDone, CopyOrder, Drain, ForgetNode, ForgottenNode, NodeReport, NodeState as Liveness};
 use dfs_proto::types::{NodeId, PieceId};
 use redb::ReadableTable;
 
@@ -389,6 +389,48 @@ impl MetaService {
             tracing::info!("queued {queued} pieces that no file references for deletion");
         }
         Ok(())
+    }
+
+    /// `dfs node forget`: removes a daemon that is not up for good (see
+    /// `namespace::forget_node`).
+    pub async fn forget_node(&self, req: ForgetNode) -> Result<ForgottenNode> {
+        let up = {
+            let registry = lock(&self.registry);
+            let now = Instant::now();
+            registry
+                .ids()
+                .find(|&id| registry.node(id).is_some_and(|n| n.name == req.node))
+                .filter(|&id| registry.liveness(id, now) == Liveness::Up)
+        };
+        if up.is_some() {
+            return Err(MetaError::fs(
+                ErrorKind::Busy,
+                format!(
+                    "storage daemon {} is up: stop it first (drain it before, if it holds data: dfs drain {})",
+                    req.node, req.node
+                ),
+            ));
+        }
+        let name = req.node.clone();
+        let (id, copies_dropped, deletions_dropped) =
+            self.write(move |ctx| namespace::forget_node(ctx, &name)).await?;
+        lock(&self.registry).remove(id);
+        {
+            let mut healer = lock(&self.healer);
+            healer.in_flight.retain(|k, _| k.1 != id);
+            healer.outbox.remove(&id);
+        }
+        lock(&self.presence_checks).remove(&id);
+        tracing::warn!(
+            "storage daemon {} (node {id}) forgotten: {copies_dropped} copies recorded there and \
+             {deletions_dropped} queued deletions dropped",
+            req.node
+        );
+        self.copies_dropped().await;
+        Ok(ForgottenNode {
+            copies_dropped,
+            deletions_dropped,
+        })
     }
 
     pub async fn drain(&self, req: Drain) -> Result<NodeReport> {

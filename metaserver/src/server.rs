@@ -71,6 +71,7 @@ async fn handle_stream(svc: Arc<MetaService>, mut send: SendStream, mut recv: Re
         MetaRequest::SetLock(r) => answer!(s, remote, SetLock, svc.set_lock(r).await),
         MetaRequest::TestLock(r) => answer!(s, remote, TestLock, svc.test_lock(r).await),
         MetaRequest::Drain(r) => answer!(s, remote, Drain, svc.drain(r).await),
+        MetaRequest::ForgetNode(r) => answer!(s, remote, ForgetNode, svc.forget_node(r).await),
         MetaRequest::Backup(r) => answer!(s, remote, Backup, svc.backup(r).await),
         MetaRequest::BackupRead(r) => answer!(s, remote, BackupRead, svc.backup_read(r).await),
     };

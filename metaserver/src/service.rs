@@ -95,6 +95,10 @@ fn stale_session(id: u64) -> MetaError {
 impl MetaService {
     /// Loads the in-memory view from the database and starts the commit thread.
     pub fn start(db: Arc<Database>, db_dir: std::path::PathBuf, mut settings: Settings) -> Result<Arc<Self>> {
+        let leftovers = crate::backup::remove_leftover_snapshots(&db_dir);
+        if leftovers > 0 {
+            tracing::info!("removed {leftovers} backup snapshots an earlier run left unread");
+        }
         let r = ReadCtx::begin(&db)?;
         let stored_chunk = get_counter(&r.meta, keys::CHUNK_SIZE)?;
         if stored_chunk != settings.chunk_size {

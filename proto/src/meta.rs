@@ -40,6 +40,7 @@ service! {
         SetLock => LockOutcome,
         TestLock => Option<Conflict>,
         Drain => NodeReport,
+        ForgetNode => ForgottenNode,
         Backup => BackupSnapshot,
         BackupRead => Vec<u8>,
     }
@@ -476,6 +477,22 @@ pub struct Redundancy {
 pub struct Drain {
     pub node: String,
     pub cancel: bool,
+}
+
+/// `dfs node forget NODE`: remove a dead or drained storage daemon for good, with its
+/// queued deletions and the copies it is still recorded with. Refused while it is up, or while
+/// it holds the only copy of anything.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ForgetNode {
+    pub node: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ForgottenNode {
+    /// Copies it was still recorded with (others remain; the repair replaces these).
+    pub copies_dropped: u64,
+    /// Deletions that were queued for it.
+    pub deletions_dropped: u64,
 }
 
 /// Starts a consistent snapshot of the metaserver's database.

@@ -324,3 +324,67 @@ fn a_late_commit_after_the_lock_was_lost_is_refused() {
     assert_eq!(fs::read(b.join("db")).unwrap(), b"BBBBBBBB");
     assert!(cluster.logs().contains("lock these writes were made under was lost"));
 }
+
+fn dfs(cluster: &Cluster, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(dfs_tests::bin("dfs"))
+        .args(args)
+        .arg("--config")
+        .arg(cluster.config_path())
+        .output()
+        .unwrap()
+}
+
+/// A daemon gone for good is forgotten with `dfs node forget`: its queued deletions go with
+/// it (they were kept forever before), and so do the copies it was recorded with, which the
+/// repair re-makes. Refused while it is up.
+#[test]
+fn a_daemon_removed_for_good_takes_its_queued_deletions_with_it() {
+    let _serial = serial();
+    let tweak = |c: &mut dfs_common::Config| c.metaserver.as_mut().unwrap().replicas = 2;
+    let mut cluster = Cluster::with(dfs_tests::Options {
+        storage_daemons: 3,
+        tweak,
+        ..Default::default()
+    });
+    let mnt = cluster.mount();
+    for i in 0..30 {
+        write_file(&mnt.join(format!("f{i}")), format!("version 1 of {i}").as_bytes()).unwrap();
+    }
+    let refused = dfs(&cluster, &["node", "forget", "storage-3"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is up"), "{refused:?}");
+    cluster.kill_daemon("storage-3");
+    cluster.wait_daemon_state("storage-3", false, Duration::from_secs(15));
+    // Rewrites and deletions while it is away queue deletions for it.
+    for i in 0..30 {
+        if i % 2 == 0 {
+            fs::remove_file(mnt.join(format!("f{i}"))).unwrap();
+        } else {
+            write_file(&mnt.join(format!("f{i}")), format!("version 2 of {i}").as_bytes()).unwrap();
+        }
+    }
+    let queued = |cluster: &Cluster| {
+        cluster
+            .status()
+            .nodes
+            .iter()
+            .find(|n| n.node.name == "storage-3")
+            .map(|n| n.pending_deletes)
+    };
+    assert!(queued(&cluster).unwrap() > 0);
+    let out = dfs(&cluster, &["node", "forget", "storage-3"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("forgotten"), "{out:?}");
+    assert_eq!(queued(&cluster), None, "storage-3 is gone from the cluster");
+    // The other daemons carry out theirs; storage-3's would have stayed queued for ever.
+    dfs_tests::wait_until("no deletion left queued", Duration::from_secs(15), || {
+        cluster.status().pending_deletes == 0
+    });
+    dfs_tests::wait_until("every piece at two copies again", Duration::from_secs(60), || {
+        let d = cluster.status().redundancy;
+        d.under_replicated == 0 && d.copies == d.pieces * 2
+    });
+    for i in (1..30).step_by(2) {
+        assert_eq!(fs::read(mnt.join(format!("f{i}"))).unwrap(), format!("version 2 of {i}").as_bytes());
+    }
+}
