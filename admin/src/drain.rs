@@ -152,12 +152,7 @@ pub async fn forget(config: &Config, node: &str) -> Result<ForgottenNode, Status
     let timeout = Duration::from_secs(10);
     let (endpoint, peer) = connect(config, timeout)?;
     let result = peer
-        .call(
-            ForgetNode {
-                node: node.to_owned(),
-            },
-            timeout,
-        )
+        .call(ForgetNode { node: node.to_owned() }, timeout)
         .await
         .map_err(StatusError::from);
     endpoint.close(0u32.into(), b"done");

@@ -538,7 +538,12 @@ pub fn put_chunk(ctx: &mut WriteCtx<'_>, ino: Ino, index: u64, c: &ChunkRecord) 
 
 /// Drops every chunk of `ino` from index `first` on.
 fn remove_chunks_from(ctx: &mut WriteCtx<'_>, ino: Ino, rec: &mut InodeRecord, first: u64) -> Result<()> {
-    let doomed = chunk_range(ctx, ino, first, u64::MAX)?;
+    remove_chunks(ctx, ino, rec, first, u64::MAX)
+}
+
+/// Drops the chunks of `ino` with index in `first..=last` (their pieces queued for deletion).
+fn remove_chunks(ctx: &mut WriteCtx<'_>, ino: Ino, rec: &mut InodeRecord, first: u64, last: u64) -> Result<()> {
+    let doomed = chunk_range(ctx, ino, first, last)?;
     for (index, c) in doomed {
         ctx.chunks.remove((ino, index))?;
         release_piece(ctx, &c)?;
@@ -567,6 +572,25 @@ fn truncate(ctx: &mut WriteCtx<'_>, ino: Ino, rec: &mut InodeRecord, size: u64, 
     }
     rec.size = size;
     Ok(())
+}
+
+/// Punches whole chunks `first..=last` out of a regular file (they read as zeros afterwards);
+/// the size stays.
+pub fn deallocate(ctx: &mut WriteCtx<'_>, ino: Ino, first: u64, last: u64) -> Result<Attr> {
+    let mut rec = inode(ctx, ino)?;
+    if rec.kind != FileKind::RegularFile {
+        return Err(fs_err(
+            ErrorKind::InvalidArgument,
+            format!("inode {ino} is not a regular file"),
+        ));
+    }
+    if first <= last {
+        remove_chunks(ctx, ino, &mut rec, first, last)?;
+    }
+    rec.mtime = ctx.now;
+    rec.ctime = ctx.now;
+    ctx.put_inode(ino, &rec)?;
+    Ok(rec.attr(ino))
 }
 
 /// Applies attribute changes; true if anything was set.
@@ -1407,7 +1431,8 @@ mod tests {
         };
         f.write(|c| commit_write(c, file, &[both, only_b], CS + 5, &AttrChanges::default(), CS))
             .unwrap();
-        f.write(|c| c.deletes.insert((b, 99), ()).map(|_| ()).map_err(Into::into)).unwrap();
+        f.write(|c| c.deletes.insert((b, 99), ()).map(|_| ()).map_err(Into::into))
+            .unwrap();
         let refused = f.write(|c| forget_node(c, "storage-2"));
         assert_eq!(f.kind_of(refused), ErrorKind::Busy);
         assert!(f.read().nodes.get(b).unwrap().is_some(), "nothing changed");

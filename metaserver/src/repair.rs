@@ -412,8 +412,7 @@ impl MetaService {
             ));
         }
         let name = req.node.clone();
-        let (id, copies_dropped, deletions_dropped) =
-            self.write(move |ctx| namespace::forget_node(ctx, &name)).await?;
+        let (id, copies_dropped, deletions_dropped) = self.write(move |ctx| namespace::forget_node(ctx, &name)).await?;
         lock(&self.registry).remove(id);
         {
             let mut healer = lock(&self.healer);

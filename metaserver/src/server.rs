@@ -59,6 +59,7 @@ async fn handle_stream(svc: Arc<MetaService>, mut send: SendStream, mut recv: Re
         MetaRequest::ChunkMap(r) => answer!(s, remote, ChunkMap, svc.chunk_map(r).await),
         MetaRequest::AllocatePiece(r) => answer!(s, remote, AllocatePiece, svc.allocate_piece(r).await),
         MetaRequest::CommitWrite(r) => answer!(s, remote, CommitWrite, svc.commit_write(r).await),
+        MetaRequest::Deallocate(r) => answer!(s, remote, Deallocate, svc.deallocate(r).await),
         MetaRequest::StatFs(r) => answer!(s, remote, StatFs, svc.stat_fs(r).await),
         MetaRequest::ClusterStatus(r) => answer!(s, remote, ClusterStatus, svc.cluster_status(r).await),
         MetaRequest::RegisterNode(r) => answer!(s, remote, RegisterNode, svc.register_node(r).await),

@@ -671,6 +671,11 @@ impl MetaService {
         })
     }
 
+    pub async fn deallocate(&self, req: Deallocate) -> Result<Attr> {
+        self.write(move |ctx| namespace::deallocate(ctx, req.ino, req.first, req.last))
+            .await
+    }
+
     pub async fn commit_write(&self, req: CommitWrite) -> Result<Attr> {
         let chunk_size = self.settings.chunk_size;
         let locks = self.locks.clone();

@@ -274,11 +274,15 @@ impl Mount {
         Ok(self.meta.call(StatFs {}).await?)
     }
 
-    /// fallocate(2) without flags extends the file (the new range reads as zeros and, like any
-    /// hole, takes no storage until written); with FALLOC_FL_KEEP_SIZE it changes nothing.
-    /// Space is not reserved on the storage daemons.
+    /// fallocate(2). Without flags it extends the file (the new range reads as zeros and, like
+    /// any hole, takes no storage until written); with FALLOC_FL_KEEP_SIZE it changes nothing
+    /// (space is not reserved on the storage daemons). FALLOC_FL_PUNCH_HOLE and
+    /// FALLOC_FL_ZERO_RANGE make the range read as zeros: whole chunks in it are dropped (they
+    /// take no storage any more), partial ones get zeros written; ZERO_RANGE without
+    /// KEEP_SIZE also extends the file to the end of the range.
     pub async fn fallocate(&self, ino: Ino, offset: u64, length: u64, mode: i32) -> FsResult<()> {
-        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+        let supported = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        if mode & !supported != 0 {
             return Err(FsError::new(
                 libc::EOPNOTSUPP,
                 format!("inode {ino}: fallocate mode {mode:#x} is not supported"),
@@ -288,7 +292,11 @@ impl Mount {
             .checked_add(length)
             .filter(|&e| e <= i64::MAX as u64)
             .ok_or_else(|| FsError::new(libc::EFBIG, format!("inode {ino}: fallocate past the largest offset")))?;
-        if mode & libc::FALLOC_FL_KEEP_SIZE != 0 {
+        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+            return self.zero_range(ino, offset, end, keep_size).await;
+        }
+        if keep_size {
             return Ok(());
         }
         let size = self.getattr(ino).await?.size;
@@ -299,6 +307,76 @@ impl Mount {
             ctime: None,
         })
         .await?;
+        Ok(())
+    }
+
+    /// Makes `offset..end` read as zeros (up to the size; beyond it too, growing the file,
+    /// unless `keep_size`).
+    async fn zero_range(&self, ino: Ino, offset: u64, end: u64, keep_size: bool) -> FsResult<()> {
+        let state = self.state_or_new(ino);
+        // Pending writes land first, so the zeros apply after them.
+        {
+            let mut w = state.writer.lock().await;
+            self.commit(&state, &mut w, "fallocate").await?;
+        }
+        let size = by_ino(self.meta.call(GetAttr { ino }).await)?.size;
+        let stop = end.min(size);
+        let cs = self.chunk_size;
+        if offset < stop {
+            let first_whole = offset.div_ceil(cs);
+            let end_whole = stop / cs;
+            if first_whole < end_whole {
+                by_ino(
+                    self.meta
+                        .call(Deallocate {
+                            ino,
+                            first: first_whole,
+                            last: end_whole - 1,
+                        })
+                        .await,
+                )?;
+            }
+            // The partial chunks at either end: zeros written where data is stored.
+            let mut partial = Vec::new();
+            if first_whole < end_whole {
+                partial.push((offset, first_whole * cs));
+                partial.push((end_whole * cs, stop));
+            } else {
+                partial.push((offset, stop));
+            }
+            state.cache.lock().await.invalidate();
+            for (from, to) in partial.into_iter().filter(|(a, b)| a < b) {
+                let chunk = from / cs;
+                let (_, located) = self.locate(&state, chunk, chunk, to).await?;
+                let holds_data = located
+                    .first()
+                    .is_some_and(|l| l.as_ref().is_some_and(|l| chunk * cs + l.len > from));
+                if holds_data {
+                    // In pieces the size of a FUSE write (a segment on the wire is bounded).
+                    let zeros = Bytes::from(vec![0u8; (to - from).min(1 << 20) as usize]);
+                    let mut at = from;
+                    while at < to {
+                        let n = (to - at).min(zeros.len() as u64) as usize;
+                        self.write(ino, at, zeros.slice(..n)).await?;
+                        at += n as u64;
+                    }
+                }
+            }
+            let mut w = state.writer.lock().await;
+            self.commit(&state, &mut w, "fallocate").await?;
+        }
+        if !keep_size && end > size {
+            self.setattr(SetAttr {
+                ino,
+                changes: AttrChanges::default(),
+                size: Some(end),
+                ctime: None,
+            })
+            .await?;
+        }
+        self.attrs.forget(ino);
+        self.cached_versions.lock().expect("versions").remove(&ino);
+        state.cache.lock().await.invalidate();
         Ok(())
     }
 

@@ -28,6 +28,7 @@ service! {
         ChunkMap => ChunkMapReply,
         AllocatePiece => Allocation,
         CommitWrite => Attr,
+        Deallocate => Attr,
         StatFs => FsStats,
         ClusterStatus => ClusterReport,
         RegisterNode => Registered,
@@ -376,6 +377,15 @@ pub struct CommitId {
 pub struct Fence {
     pub session: SessionId,
     pub hold: u64,
+}
+
+/// Drops chunks `first..=last` of a file (fallocate's hole punching, whole chunks): they read
+/// as zeros and take no storage. The size does not change.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Deallocate {
+    pub ino: Ino,
+    pub first: u64,
+    pub last: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]

@@ -352,7 +352,10 @@ fn a_daemon_removed_for_good_takes_its_queued_deletions_with_it() {
     }
     let refused = dfs(&cluster, &["node", "forget", "storage-3"]);
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("is up"), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is up"),
+        "{refused:?}"
+    );
     cluster.kill_daemon("storage-3");
     cluster.wait_daemon_state("storage-3", false, Duration::from_secs(15));
     // Rewrites and deletions while it is away queue deletions for it.
@@ -385,6 +388,9 @@ fn a_daemon_removed_for_good_takes_its_queued_deletions_with_it() {
         d.under_replicated == 0 && d.copies == d.pieces * 2
     });
     for i in (1..30).step_by(2) {
-        assert_eq!(fs::read(mnt.join(format!("f{i}"))).unwrap(), format!("version 2 of {i}").as_bytes());
+        assert_eq!(
+            fs::read(mnt.join(format!("f{i}"))).unwrap(),
+            format!("version 2 of {i}").as_bytes()
+        );
     }
 }

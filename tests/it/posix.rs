@@ -413,3 +413,50 @@ fn df_reports_cluster_space_and_inodes() {
     let df = String::from_utf8(run(Command::new("df").arg("-i").arg(&mnt)).stdout).unwrap();
     assert!(df.contains(&mnt.display().to_string()), "{df}");
 }
+
+/// fallocate's PUNCH_HOLE and ZERO_RANGE (databases and VM images use them): the range reads
+/// as zeros, whole chunks in it stop taking storage, and the result matches a local file
+/// given the same calls.
+#[test]
+fn punch_hole_and_zero_range_match_a_local_file() {
+    let mut cluster = dfs_tests::Cluster::with(dfs_tests::Options {
+        storage_daemons: 2,
+        tweak: |c| c.metaserver.as_mut().unwrap().chunk_size = 64 << 10,
+        ..Default::default()
+    });
+    let mnt = cluster.mount();
+    let local = tempfile::tempdir().unwrap();
+    let body = dfs_tests::data::bytes(600 << 10, 9);
+    let (d, l) = (mnt.join("img"), local.path().join("img"));
+    for p in [&d, &l] {
+        dfs_tests::write_file(p, &body).unwrap();
+    }
+    let blocks_before = std::fs::metadata(&d).unwrap().blocks();
+    let steps: [&[&str]; 5] = [
+        &["-p", "-o", "1000", "-l", "200000"],
+        &["-p", "-o", "300000", "-l", "70000"],
+        &["-z", "-o", "400000", "-l", "150000"],
+        &["-z", "-o", "590000", "-l", "100000"],
+        &["-p", "-o", "0", "-l", "10"],
+    ];
+    for args in steps {
+        for p in [&d, &l] {
+            dfs_tests::run(std::process::Command::new("fallocate").args(args).arg(p));
+        }
+        assert_eq!(
+            std::fs::metadata(&d).unwrap().len(),
+            std::fs::metadata(&l).unwrap().len(),
+            "size after fallocate {args:?}"
+        );
+        dfs_tests::drop_caches();
+        dfs_tests::cmp(&l, &d);
+    }
+    let blocks_after = std::fs::metadata(&d).unwrap().blocks();
+    assert!(
+        blocks_after < blocks_before,
+        "punched chunks take no storage: {blocks_before} blocks before, {blocks_after} after"
+    );
+    // Through another mount too (what is stored, not the first mount's cache).
+    let other = cluster.mount();
+    dfs_tests::cmp(&l, &other.join("img"));
+}
