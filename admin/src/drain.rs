@@ -134,6 +134,18 @@ pub async fn run(config: &Config, node: &str, cancel: bool, wait: bool) -> Resul
     result
 }
 
+/// `dfs node forget NODE`.
+pub async fn forget(config: &Config, node: &str) -> Result<ForgottenNode, StatusError> {
+    let timeout = Duration::from_secs(10);
+    let (endpoint, peer) = connect(config, timeout)?;
+    let result = peer
+        .call(ForgetNode { node: node.to_owned() }, timeout)
+        .await
+        .map_err(StatusError::from);
+    endpoint.close(0u32.into(), b"done");
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,16 +157,4 @@ mod tests {
         assert_eq!(bar(10, 10, 10), "[##########] 100%");
         assert_eq!(bar(0, 0, 4), "[####] 100%");
     }
-}
-
-/// `dfs node forget NODE`.
-pub async fn forget(config: &Config, node: &str) -> Result<ForgottenNode, StatusError> {
-    let timeout = Duration::from_secs(10);
-    let (endpoint, peer) = connect(config, timeout)?;
-    let result = peer
-        .call(ForgetNode { node: node.to_owned() }, timeout)
-        .await
-        .map_err(StatusError::from);
-    endpoint.close(0u32.into(), b"done");
-    result
 }
