@@ -751,6 +751,11 @@ pub fn commit_write_once(
     attrs: &AttrChanges,
     chunk_size: u64,
 ) -> Result<Attr> {
+    if id.client == 0 {
+        // Unnamed (not from a mount): applied as it comes.
+        check()?;
+        return commit_write(ctx, ino, pieces, min_size, attrs, chunk_size);
+    }
     if id.settled_below > 0 {
         let settled = (id.client, 0)..(id.client, id.settled_below.min(id.seq));
         ctx.commits.retain_in(settled, |_, _| false)?;
@@ -829,7 +834,13 @@ pub fn register_node(ctx: &mut WriteCtx<'_>, name: &str, addr: &str, domain: Opt
     let id = match found {
         Some((id, existing)) if existing == record => return Ok(id),
         Some((id, _)) => id,
-        None => max_id + 1,
+        None => {
+            // Never the id of a daemon forgotten before: what is still known of it (in
+            // memory, in logs) must not apply to a newcomer.
+            let next = crate::schema::get_counter(&ctx.meta, keys::NEXT_NODE_ID)?.max(max_id as u64 + 1);
+            ctx.meta.insert(keys::NEXT_NODE_ID, next + 1)?;
+            u32::try_from(next).map_err(|_| fs_err(ErrorKind::NoSpace, "no storage daemon ids left"))?
+        }
     };
     ctx.nodes.insert(id, record.encode().as_slice())?;
     Ok(id)

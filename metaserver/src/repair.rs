@@ -24,7 +24,12 @@ const EARLY_RESCAN: Duration = Duration::from_millis(10);
 
 impl crate::healer::HealerState {
     pub fn scan_due(&self, now: Instant) -> bool {
-        let interval = SCAN_INTERVAL.max(self.scan_took * 10);
+        // Stale numbers (copies dropped since) are worth a scan as soon as the budget allows.
+        let interval = if self.stale {
+            EARLY_RESCAN.max(self.scan_took * 10)
+        } else {
+            SCAN_INTERVAL.max(self.scan_took * 10)
+        };
         self.scanned_at
             .is_none_or(|t| now.saturating_duration_since(t) >= interval)
     }
@@ -40,8 +45,9 @@ impl crate::healer::HealerState {
                 .is_none_or(|t| now.saturating_duration_since(t) >= interval)
     }
 }
-/// A copy not reported done within this long is planned again.
-const COPY_TIMEOUT: Duration = Duration::from_secs(300);
+/// A copy handed out and not reported done within this long is planned again (its order or
+/// its report may have been lost; a copy of even a large chunk takes seconds).
+const COPY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Most orders handed to one daemon per heartbeat.
 const ORDERS_PER_HEARTBEAT: usize = 64;
 
@@ -159,7 +165,7 @@ impl MetaService {
                 );
             }
         }
-        self.copies_dropped().await;
+        self.copies_dropped();
         Ok(())
     }
 
@@ -205,7 +211,7 @@ impl MetaService {
                  the repair re-makes them from the other copies"
             );
         }
-        self.copies_dropped().await;
+        self.copies_dropped();
         Ok(())
     }
 
@@ -229,11 +235,12 @@ impl MetaService {
     }
 
     /// Copies were dropped: the last scan's numbers no longer hold; scan again.
-    async fn copies_dropped(&self) {
+    /// Copies were dropped: the last scan's numbers no longer hold. A scan follows soon, from
+    /// housekeeping (not here: reports arrive in heartbeats, which must stay quick), and a
+    /// status report before it scans first.
+    fn copies_dropped(&self) {
         lock(&self.healer).stale = true;
-        if let Err(e) = self.heal().await {
-            tracing::error!("cannot scan for pieces needing copies: {e}");
-        }
+        self.reaper_signal().notify_one();
     }
 
     async fn scan_locked(&self, _scan: tokio::sync::MutexGuard<'_, ()>) -> Result<()> {
@@ -394,25 +401,27 @@ impl MetaService {
     /// `dfs node forget`: removes a daemon that is not up for good (see
     /// `namespace::forget_node`).
     pub async fn forget_node(&self, req: ForgetNode) -> Result<ForgottenNode> {
-        let up = {
-            let registry = lock(&self.registry);
-            let now = Instant::now();
-            registry
-                .ids()
-                .find(|&id| registry.node(id).is_some_and(|n| n.name == req.node))
-                .filter(|&id| registry.liveness(id, now) == Liveness::Up)
-        };
-        if up.is_some() {
-            return Err(MetaError::fs(
-                ErrorKind::Busy,
-                format!(
-                    "storage daemon {} is up: stop it first (drain it before, if it holds data: dfs drain {})",
-                    req.node, req.node
-                ),
-            ));
-        }
         let name = req.node.clone();
-        let (id, copies_dropped, deletions_dropped) = self.write(move |ctx| namespace::forget_node(ctx, &name)).await?;
+        let registry = self.registry.clone();
+        // Checked in the transaction, so a daemon registering meanwhile is not forgotten.
+        let (id, copies_dropped, deletions_dropped) = self
+            .write(move |ctx| {
+                let up = {
+                    let registry = lock(&registry);
+                    let now = Instant::now();
+                    registry
+                        .ids()
+                        .any(|id| registry.node(id).is_some_and(|n| n.name == name) && registry.liveness(id, now) == Liveness::Up)
+                };
+                if up {
+                    return Err(MetaError::fs(
+                        ErrorKind::Busy,
+                        format!("storage daemon {name} is up: stop it first (drain it before, if it holds data: dfs drain {name})"),
+                    ));
+                }
+                namespace::forget_node(ctx, &name)
+            })
+            .await?;
         lock(&self.registry).remove(id);
         {
             let mut healer = lock(&self.healer);
@@ -420,12 +429,13 @@ impl MetaService {
             healer.outbox.remove(&id);
         }
         lock(&self.presence_checks).remove(&id);
+        lock(&self.young_unreferenced).retain(|(node, _), _| *node != id);
         tracing::warn!(
             "storage daemon {} (node {id}) forgotten: {copies_dropped} copies recorded there and \
              {deletions_dropped} queued deletions dropped",
             req.node
         );
-        self.copies_dropped().await;
+        self.copies_dropped();
         Ok(ForgottenNode {
             copies_dropped,
             deletions_dropped,

@@ -50,6 +50,8 @@ pub mod keys {
     pub const FILES: &str = "files";
     pub const DIRECTORIES: &str = "directories";
     pub const SYMLINKS: &str = "symlinks";
+    /// The id the next new storage daemon gets (ids are never reused).
+    pub const NEXT_NODE_ID: &str = "next_node_id";
 }
 
 pub const FORMAT_VERSION: u64 = 2;

@@ -71,14 +71,18 @@ pub struct MetaService {
     /// by the daemon (a piece committed while it was listing is there; one really absent is
     /// reported missing and its copy dropped).
     pub(crate) presence_checks: Mutex<HashMap<NodeId, PresenceCheck>>,
+    /// Names batches of presence checks (never reused, so an old confirmation is never taken
+    /// for a new batch).
+    check_rounds: std::sync::atomic::AtomicU64,
     pub(crate) db_dir: std::path::PathBuf,
 }
 
-/// Copies a daemon is to check for, and whether it was handed some not yet answered.
+/// Copies a daemon is to check for, and the batch it was handed (with its round number)
+/// until a heartbeat confirms it checked it.
 #[derive(Debug, Default)]
 pub(crate) struct PresenceCheck {
     queue: Vec<PieceId>,
-    outstanding: bool,
+    handed: Option<(u64, Vec<PieceId>)>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -178,6 +182,7 @@ impl MetaService {
             young_unreferenced: Mutex::new(HashMap::new()),
             backups: Mutex::new(HashMap::new()),
             presence_checks: Mutex::new(HashMap::new()),
+            check_rounds: std::sync::atomic::AtomicU64::new(0),
             db_dir,
         }))
     }
@@ -838,11 +843,8 @@ impl MetaService {
                 format!("node {node} is not registered"),
             ));
         }
-        if !req.deleted.is_empty() {
-            let deleted = req.deleted;
-            self.write(move |ctx| namespace::ack_deletes(ctx, node, &deleted))
-                .await?;
-        }
+        // Copies first: a copy of a piece whose deletion this daemon confirms in the same
+        // heartbeat may be gone, and the deletion's queue entry is what makes the copy refused.
         if !req.copied.is_empty() {
             self.copies_done(node, req.copied).await?;
             let rescan = {
@@ -853,26 +855,41 @@ impl MetaService {
                 tracing::error!("cannot scan for pieces needing copies: {e}");
             }
         }
+        if !req.deleted.is_empty() {
+            let deleted = req.deleted;
+            self.write(move |ctx| namespace::ack_deletes(ctx, node, &deleted))
+                .await?;
+        }
         if !req.corrupt.is_empty() {
             self.corrupt_reported(node, req.corrupt).await?;
         }
         if !req.missing.is_empty() {
             self.missing_reported(node, req.missing).await?;
         }
-        // The daemon checks what it was handed before its next heartbeat (this one).
-        let check = {
+        // The daemon checks what it was handed before its next heartbeat, which says so
+        // (`checked_round`); a batch not confirmed (its reply was lost) is handed out again.
+        let (check, check_round) = {
             let mut checks = lock(&self.presence_checks);
             match checks.get_mut(&node) {
                 Some(c) => {
-                    let take = c.queue.len().min(CHECKS_PER_HEARTBEAT);
-                    let batch: Vec<PieceId> = c.queue.drain(..take).collect();
-                    c.outstanding = !batch.is_empty();
-                    if !c.outstanding {
-                        checks.remove(&node);
+                    if c.handed.as_ref().is_some_and(|(round, _)| *round == req.checked_round) {
+                        c.handed = None;
                     }
-                    batch
+                    if c.handed.is_none() && !c.queue.is_empty() {
+                        let take = c.queue.len().min(CHECKS_PER_HEARTBEAT);
+                        let batch: Vec<PieceId> = c.queue.drain(..take).collect();
+                        let round = self.check_rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        c.handed = Some((round, batch));
+                    }
+                    match &c.handed {
+                        Some((round, batch)) => (batch.clone(), *round),
+                        None => {
+                            checks.remove(&node);
+                            (Vec::new(), 0)
+                        }
+                    }
                 }
-                None => Vec::new(),
+                None => (Vec::new(), 0),
             }
         };
         let (delete, more) = self
@@ -897,6 +914,7 @@ impl MetaService {
             copy,
             inventory_wanted,
             check,
+            check_round,
         })
     }
 
@@ -990,7 +1008,7 @@ impl MetaService {
                     node,
                     PresenceCheck {
                         queue: missing.into_iter().map(|(piece, _)| piece).collect(),
-                        outstanding: false,
+                        handed: None,
                     },
                 );
             }

@@ -6,7 +6,10 @@
 //! A close is a FUSE FLUSH, sent once for every descriptor closed, and it names the closing
 //! process' file table (the lock owner): a forked child closing an inherited descriptor and
 //! its parent closing its own are two closes of one open file description, and each hears of
-//! the failure. `fsync()` carries no such owner and is tracked per open file description.
+//! the failure. `fsync()` carries no such owner and is tracked per open file description; a
+//! failure an fsync reported is not reported again by closes of that description (whichever
+//! comes first), and fsync reports on any descriptor, as on Linux. Only descriptors open for
+//! writing hear of failures at close (as NFS does).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -64,9 +67,9 @@ pub struct OpenHandle {
     pub ino: Ino,
     /// Opened for writing (only those hear of write failures).
     pub writable: bool,
-    opened_at: u64,
-    /// Per closing process (lock owner): the last failure it was told of at close.
-    closes: Mutex<HashMap<u64, u64>>,
+    /// Per closing process (lock owner): the last failure it was told of at close; and
+    /// where a process not in the map starts (at the open, or the last failure fsync reported).
+    closes: Mutex<(HashMap<u64, u64>, u64)>,
     /// The last failure an fsync of this description was told of.
     fsyncs: Mutex<u64>,
 }
@@ -77,8 +80,7 @@ impl OpenHandle {
         OpenHandle {
             ino,
             writable,
-            opened_at,
-            closes: Mutex::new(HashMap::new()),
+            closes: Mutex::new((HashMap::new(), opened_at)),
             fsyncs: Mutex::new(opened_at),
         }
     }
@@ -89,16 +91,25 @@ impl OpenHandle {
             return Ok(());
         }
         let mut closes = self.closes.lock().expect("closes");
-        let seen = closes.entry(owner).or_insert(self.opened_at);
+        let (seen, base) = &mut *closes;
+        let seen = seen.entry(owner).or_insert(*base);
         errors.check(seen)
     }
 
-    /// What `fsync()` of this description reports.
+    /// What `fsync()` of this description reports. What it reports, no close of this
+    /// description reports again.
     pub fn check_fsync(&self, errors: &ErrorSeq) -> FsResult<()> {
-        if !self.writable {
-            return Ok(());
+        let mut fsyncs = self.fsyncs.lock().expect("fsyncs");
+        let result = errors.check(&mut fsyncs);
+        if result.is_err() {
+            let mut closes = self.closes.lock().expect("closes");
+            let (seen, base) = &mut *closes;
+            *base = (*base).max(*fsyncs);
+            for s in seen.values_mut() {
+                *s = (*s).max(*fsyncs);
+            }
         }
-        errors.check(&mut self.fsyncs.lock().expect("fsyncs"))
+        result
     }
 }
 
@@ -116,17 +127,28 @@ mod tests {
         let p1 = OpenHandle::new(7, true, &errors);
         let p2 = OpenHandle::new(7, true, &errors);
         let reader = OpenHandle::new(7, false, &errors);
+        let fsync_reader = OpenHandle::new(7, false, &errors);
         errors.record(eio("daemon gone"));
         // P2 closes first: it hears it; that does not use it up for P1.
         assert!(p2.check_close(2, &errors).is_err());
         assert!(p2.check_close(2, &errors).is_ok(), "told once");
         assert!(reader.check_close(3, &errors).is_ok(), "not a writer");
+        assert!(
+            fsync_reader.check_fsync(&errors).is_err(),
+            "fsync reports on any descriptor"
+        );
         // A forked child closing P1's inherited descriptor, then P1 itself: both hear it.
         assert!(p1.check_close(10, &errors).is_err());
         assert!(p1.check_close(1, &errors).is_err());
         // fsync is tracked per description.
         assert!(p1.check_fsync(&errors).is_err());
         assert!(p1.check_fsync(&errors).is_ok());
+        // Once an fsync reported it, closes of that description do not report it again.
+        let p3 = OpenHandle::new(7, true, &errors);
+        errors.record(eio("again"));
+        assert!(p3.check_fsync(&errors).is_err());
+        assert!(p3.check_close(1, &errors).is_ok());
+        assert!(p3.check_close(2, &errors).is_ok());
         let later = OpenHandle::new(7, true, &errors);
         assert!(later.check_close(1, &errors).is_ok(), "opened after it was reported");
         assert!(later.check_fsync(&errors).is_ok());

@@ -27,6 +27,10 @@ pub struct MetaClient {
     /// The metaserver's hold of this mount's locks on each inode: writes made under it are
     /// committed only while it lasts.
     holds: Mutex<HashMap<Ino, Fence>>,
+    /// Holds this mount ended itself (its last lock on the file released): writes picked up
+    /// under one just before are committed without a fence, not refused. Holds lost with a
+    /// session are not here: writes made under those are refused.
+    released_holds: Mutex<std::collections::VecDeque<u64>>,
     /// Names commits (with `next_commit`) so that a retry is recognised.
     commit_client: u64,
     next_commit: AtomicU64,
@@ -53,6 +57,7 @@ impl MetaClient {
             unsent_releases: Mutex::new(Vec::new()),
             held_locks: Mutex::new(HashMap::new()),
             holds: Mutex::new(HashMap::new()),
+            released_holds: Mutex::new(std::collections::VecDeque::new()),
             commit_client: commit_client_id(),
             next_commit: AtomicU64::new(1),
             unsettled: Mutex::new(BTreeSet::new()),
@@ -93,8 +98,20 @@ impl MetaClient {
         self.holds.lock().expect("holds").get(&ino).copied()
     }
 
-    /// Records the hold the metaserver answered a granted lock with.
-    pub fn note_hold(&self, ino: Ino, fence: Fence) {
+    /// The fence to commit writes made under `fence` with: none if this mount released that
+    /// hold itself since (the writes then land as unlocked writes would).
+    pub fn fence_for_commit(&self, fence: Option<Fence>) -> Option<Fence> {
+        let f = fence?;
+        let released = self.released_holds.lock().expect("released holds");
+        (!released.contains(&f.hold)).then_some(f)
+    }
+
+    /// Records the hold the metaserver answered a granted lock with (in `session`: a grant
+    /// answered in a session since replaced is not recorded, its hold is gone).
+    pub async fn note_hold(&self, ino: Ino, fence: Fence) {
+        if *self.session.lock().await != Some(fence.session) {
+            return;
+        }
         self.holds.lock().expect("holds").insert(ino, fence);
     }
 
@@ -180,6 +197,14 @@ impl MetaClient {
     /// Calls a request that names this mount's session, re-establishing the session once if the
     /// metaserver no longer knows it.
     pub async fn call_in_session<C: Call>(&self, make: impl Fn(SessionId) -> C) -> Result<C::Reply, RpcError> {
+        Ok(self.call_in_session_named(make).await?.0)
+    }
+
+    /// [`MetaClient::call_in_session`], also returning the session the answer came in.
+    pub async fn call_in_session_named<C: Call>(
+        &self,
+        make: impl Fn(SessionId) -> C,
+    ) -> Result<(C::Reply, SessionId), RpcError> {
         let id = self.current_session().await?;
         match self.call(make(id)).await {
             Err(e) if e.remote_kind() == Some(ErrorKind::Stale) => {
@@ -191,9 +216,9 @@ impl MetaClient {
                         slot.expect("session set")
                     }
                 };
-                self.call(make(fresh)).await
+                Ok((self.call(make(fresh)).await?, fresh))
             }
-            other => other,
+            other => Ok((other?, id)),
         }
     }
 
@@ -214,7 +239,13 @@ impl MetaClient {
         table.apply(LockOwner { session: LOCAL, owner }, pid, start, end, kind);
         if table.is_empty() {
             held.remove(&ino);
-            self.holds.lock().expect("holds").remove(&ino);
+            if let Some(f) = self.holds.lock().expect("holds").remove(&ino) {
+                let mut released = self.released_holds.lock().expect("released holds");
+                released.push_back(f.hold);
+                if released.len() > 4096 {
+                    released.pop_front();
+                }
+            }
         }
     }
 

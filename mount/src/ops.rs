@@ -357,8 +357,11 @@ impl Mount {
                     let mut at = from;
                     while at < to {
                         let n = (to - at).min(zeros.len() as u64) as usize;
-                        self.write(ino, at, zeros.slice(..n)).await?;
-                        at += n as u64;
+                        let written = self.write(ino, at, zeros.slice(..n)).await?;
+                        if written == 0 {
+                            return Err(FsError::io(format!("inode {ino}: zeros at {at} could not be written")));
+                        }
+                        at += written as u64;
                     }
                 }
             }
@@ -518,9 +521,9 @@ impl Mount {
             self.commit_inode(ino).await;
         }
         loop {
-            let outcome = self
+            let (outcome, session) = self
                 .meta
-                .call_in_session(|session| SetLock {
+                .call_in_session_named(|session| SetLock {
                     ino,
                     owner: LockOwner { session, owner },
                     pid,
@@ -533,10 +536,8 @@ impl Mount {
             match outcome {
                 LockOutcome::Granted { hold } => {
                     self.meta.note_lock(ino, owner, pid, start, end, kind);
-                    if kind != LockKind::Unlock
-                        && let Ok(session) = self.meta.session_id().await
-                    {
-                        self.meta.note_hold(ino, Fence { session, hold });
+                    if kind != LockKind::Unlock {
+                        self.meta.note_hold(ino, Fence { session, hold }).await;
                     }
                     if kind != LockKind::Unlock {
                         self.drop_cached(ino).await;
@@ -837,7 +838,7 @@ impl Mount {
             min_size: w.end,
             attrs: state.held_attrs(),
             id: CommitId::default(),
-            fence: w.fence,
+            fence: self.meta.fence_for_commit(w.fence),
         };
         // Nothing is taken from the writer until the commit is known to have happened.
         let attr = match self.meta.commit(request).await {
@@ -939,7 +940,7 @@ impl Mount {
                 min_size: 0,
                 attrs: Default::default(),
                 id: CommitId::default(),
-                fence: w.fence,
+                fence: self.meta.fence_for_commit(w.fence),
             };
             match self.meta.commit(request).await {
                 Ok(_) => {
@@ -966,7 +967,7 @@ impl Mount {
                 // Settling finished streams to make room found one that failed.
                 return Err(SegmentError::Lost(e));
             }
-            opened.map_err(SegmentError::Refused)?;
+            opened?;
         }
         w.clock += 1;
         let clock = w.clock;
@@ -1049,7 +1050,9 @@ impl Mount {
         (streams, errors)
     }
 
-    async fn open_chunk(&self, state: &InodeState, w: &mut Writer, chunk: u64) -> FsResult<()> {
+    /// Starts the streams of a new piece for `chunk`. `Lost` if making room meant a commit
+    /// that failed (the writes it carried are gone), `Refused` if no place could be found.
+    async fn open_chunk(&self, state: &InodeState, w: &mut Writer, chunk: u64) -> Result<(), SegmentError> {
         let ino = state.ino;
         if w.open.len() >= MAX_OPEN_CHUNKS
             && let Some(victim) = w.least_recent()
@@ -1062,7 +1065,9 @@ impl Mount {
         if w.has_pending(chunk) {
             // Back to a chunk whose new piece is written but not committed: commit it first,
             // so that the next piece starts from it (copy-on-write of the committed piece).
-            self.commit(state, w, "rewrite of a pending chunk").await?;
+            self.commit(state, w, "rewrite of a pending chunk")
+                .await
+                .map_err(SegmentError::Lost)?;
         }
         // The piece set aside at create has no base: it is right only while chunk 0 is known
         // to be empty (another mount may have written it since, e.g. between two lock holders).
@@ -1121,7 +1126,7 @@ impl Mount {
                 None => FsError::io(format!("inode {ino}: no storage daemon offered for chunk {chunk}")),
             };
             tracing::warn!("inode {ino}: cannot write chunk {chunk}: {e}");
-            return Err(e);
+            return Err(e.into());
         };
         let (tx, rx) = mpsc::channel(SEGMENT_QUEUE);
         let task = tokio::spawn(stream_copies(
@@ -1366,6 +1371,13 @@ enum SegmentError {
     Refused(FsError),
     /// A stream that had taken earlier writes failed: they are lost.
     Lost(FsError),
+}
+
+/// Failures of placement (the default for `?`) take nothing that was written.
+impl From<FsError> for SegmentError {
+    fn from(e: FsError) -> Self {
+        SegmentError::Refused(e)
+    }
 }
 
 /// Feeds queued segments into a piece stream, then waits for the piece to be durable.

@@ -555,6 +555,9 @@ pub struct Heartbeat {
     /// listed by the metaserver to check (`HeartbeatReply::check`). The metaserver drops the
     /// copies it recorded here (the repair re-makes them).
     pub missing: Vec<PieceId>,
+    /// The last `HeartbeatReply::check_round` whose pieces were checked (their absent ones
+    /// are in `missing`, of this heartbeat or an earlier one).
+    pub checked_round: u64,
 }
 
 /// Make a copy of a piece on this daemon, reading it from one of `sources`.
@@ -586,6 +589,8 @@ pub struct HeartbeatReply {
     /// Pieces the metaserver records here that the last inventory did not list: check each
     /// and report those absent in the next heartbeat (`Heartbeat::missing`).
     pub check: Vec<PieceId>,
+    /// Names the `check` batch, confirmed by `Heartbeat::checked_round`.
+    pub check_round: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

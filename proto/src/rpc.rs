@@ -307,12 +307,18 @@ impl Peer {
         timeout: Duration,
     ) -> Result<usize, RpcError> {
         let mark = out.len();
+        let mut attempts = 0;
         loop {
+            attempts += 1;
             let (result, reused) = self.read_piece_once(piece, offset, len, out, timeout).await;
             match result {
                 // A connection kept from before may be to a daemon that restarted since (the
                 // keep-alive finds out within a second): a read is safe to ask again, once.
-                Err(e) if reused && matches!(e, RpcError::Transport { .. } | RpcError::Unreachable { .. }) => {
+                Err(e)
+                    if reused
+                        && attempts == 1
+                        && matches!(e, RpcError::Transport { .. } | RpcError::Unreachable { .. }) =>
+                {
                     tracing::debug!("{self}: read of piece {piece} on a stale connection ({e}); reconnecting");
                     out.truncate(mark);
                 }

@@ -121,6 +121,7 @@ impl Membership {
         let mut last_inventory = tokio::time::Instant::now();
         let mut deleted: Vec<PieceId> = Vec::new();
         let mut inventory_wanted = false;
+        let mut checked_round = 0;
         loop {
             if last_inventory.elapsed() >= INVENTORY_INTERVAL || inventory_wanted {
                 self.send_inventory(node).await?;
@@ -136,6 +137,7 @@ impl Membership {
                 copied,
                 corrupt: corrupt.clone(),
                 missing: missing.clone(),
+                checked_round,
             };
             let reply = match self.meta.call(beat, REQUEST_TIMEOUT).await {
                 Ok(r) => r,
@@ -164,11 +166,16 @@ impl Membership {
             if !reply.check.is_empty() {
                 // Checked now, so the next heartbeat carries the outcome.
                 let (store, check) = (self.store.clone(), reply.check.clone());
-                let absent = spawn_blocking(move || store.check_present(&check)).await.unwrap_or(0);
-                tracing::info!(
-                    "checked {} pieces the metaserver expects here: {absent} missing",
-                    reply.check.len()
-                );
+                match spawn_blocking(move || store.check_present(&check)).await {
+                    Ok(absent) => {
+                        checked_round = reply.check_round;
+                        tracing::info!(
+                            "checked {} pieces the metaserver expects here: {absent} missing",
+                            reply.check.len()
+                        );
+                    }
+                    Err(e) => tracing::error!("cannot check pieces the metaserver expects here: {e}"),
+                }
             }
             if !reply.delete.is_empty() {
                 deleted = self.delete(reply.delete).await;

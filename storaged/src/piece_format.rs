@@ -169,8 +169,17 @@ impl Footer {
             }
             Some(Ok(footer))
         };
-        if let Some(found) = at(FOOTER_LEN).and_then(|f| parse(f, 2)) {
-            return found;
+        let v2 = at(FOOTER_LEN).and_then(|f| parse(f, 2));
+        if let Some(Ok(footer)) = v2 {
+            return Ok(footer);
+        }
+        // A version 1 file whose last bytes happen to look like a version 2 footer is still
+        // read as what it is.
+        if let Some(Ok(footer)) = at(FOOTER_LEN_V1).and_then(|f| parse(f, 1)) {
+            return Ok(footer);
+        }
+        if let Some(Err(e)) = v2 {
+            return Err(e);
         }
         if let Some(found) = at(FOOTER_LEN_V1).and_then(|f| parse(f, 1)) {
             return found;

@@ -429,9 +429,15 @@ impl PieceStore {
     pub fn check_present(&self, pieces: &[PieceId]) -> usize {
         let mut absent = 0;
         for &piece in pieces {
-            if !self.layout.piece_path(piece).exists() {
-                self.note_missing(piece);
-                absent += 1;
+            let path = self.layout.piece_path(piece);
+            match fs::symlink_metadata(&path) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    self.note_missing(piece);
+                    absent += 1;
+                }
+                // Not known to be absent: not reported (the next inventory looks again).
+                Err(e) => tracing::warn!("cannot check piece {piece} ({}): {e}", path.display()),
             }
         }
         absent

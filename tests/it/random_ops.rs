@@ -16,7 +16,7 @@
 //! and the operations so far. `DFS_RANDOM_SEED=N` replays a seed; `DFS_RANDOM_SECS=S` keeps
 //! generating new seeds for S seconds (a soak) and prints what it ran.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
@@ -257,8 +257,9 @@ struct Differential {
     local: tempfile::TempDir,
     handles: BTreeMap<usize, Handle>,
     next_handle: usize,
-    /// Local inodes whose mtime was set explicitly (and not changed since).
-    times_set: HashSet<u64>,
+    /// Local inodes whose mtime was set explicitly, with the time set: compared while the
+    /// local file still has it (a later change, or the inode number reused, ends that).
+    times_set: HashMap<u64, (i64, i64)>,
     log: Vec<String>,
     seed: u64,
     /// Operations that succeeded, and that failed the same way on both sides.
@@ -279,7 +280,7 @@ impl Differential {
             local,
             handles: BTreeMap::new(),
             next_handle: 0,
-            times_set: HashSet::new(),
+            times_set: HashMap::new(),
             log: Vec::new(),
             seed,
             succeeded: 0,
@@ -566,7 +567,7 @@ impl Differential {
                     && let Ok(meta) = fs::symlink_metadata(self.model(path))
                     && meta.is_file()
                 {
-                    self.times_set.insert(meta.ino());
+                    self.times_set.insert(meta.ino(), (meta.mtime(), meta.mtime_nsec()));
                 }
                 (d, l)
             }
@@ -655,7 +656,8 @@ impl Differential {
                     show(&lm)
                 ));
             }
-            if self.times_set.contains(&lm.ino()) && (dm.mtime(), dm.mtime_nsec()) != (lm.mtime(), lm.mtime_nsec()) {
+            let explicit = self.times_set.get(&lm.ino()) == Some(&(lm.mtime(), lm.mtime_nsec())) && lm.is_file();
+            if explicit && (dm.mtime(), dm.mtime_nsec()) != (lm.mtime(), lm.mtime_nsec()) {
                 self.fail(format!(
                     "mount {on}, {child}: mtime set to {}.{:09}, dfs shows {}.{:09}",
                     lm.mtime(),
