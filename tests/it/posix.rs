@@ -460,3 +460,16 @@ fn punch_hole_and_zero_range_match_a_local_file() {
     let other = cluster.mount();
     dfs_tests::cmp(&l, &other.join("img"));
 }
+
+/// fsync(2) of a directory succeeds (it answered ENOSYS, which `fsync` tools and databases
+/// syncing a directory after a rename report as a failure).
+#[test]
+fn a_directory_can_be_fsynced() {
+    let mut cluster = Cluster::start(1);
+    let mnt = cluster.mount();
+    fs::create_dir(mnt.join("d")).unwrap();
+    fs::write(mnt.join("d/f"), b"x").unwrap();
+    fs::rename(mnt.join("d/f"), mnt.join("d/g")).unwrap();
+    File::open(mnt.join("d")).unwrap().sync_all().expect("fsync of a directory");
+    File::open(&mnt).unwrap().sync_data().expect("fdatasync of the root");
+}
