@@ -470,6 +470,9 @@ fn a_directory_can_be_fsynced() {
     fs::create_dir(mnt.join("d")).unwrap();
     fs::write(mnt.join("d/f"), b"x").unwrap();
     fs::rename(mnt.join("d/f"), mnt.join("d/g")).unwrap();
-    File::open(mnt.join("d")).unwrap().sync_all().expect("fsync of a directory");
+    File::open(mnt.join("d"))
+        .unwrap()
+        .sync_all()
+        .expect("fsync of a directory");
     File::open(&mnt).unwrap().sync_data().expect("fdatasync of the root");
 }
