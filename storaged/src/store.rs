@@ -152,9 +152,11 @@ fn check_layout_marker(root: &Path, fanout: u32) -> Result<(), StoreError> {
 
 /// Opens a directory and fsyncs it, making its entries durable.
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync directory", dir))
+    sync_dir_io(dir).map_err(io_err("fsync directory", dir))
+}
+
+fn sync_dir_io(dir: &Path) -> io::Result<()> {
+    File::open(dir).and_then(|d| d.sync_all())
 }
 
 /// Bytes a piece file of `file_len` bytes counts for: its data length, or for a file whose
@@ -547,8 +549,26 @@ impl PieceStore {
 }
 
 /// Creates the parent directories of `path`; with `durable`, fsyncs the parent of each new one.
+///
+/// A concurrent delete may prune a directory this just found or made (it was empty): the walk
+/// then starts again, a bounded number of times.
 fn ensure_parent(path: &Path, durable: bool) -> Result<(), StoreError> {
     let parent = path.parent().expect("path has a parent");
+    let mut attempts = 0;
+    loop {
+        match create_missing_dirs(parent, durable) {
+            Ok(()) => return Ok(()),
+            Err((dir, e)) if e.kind() == ErrorKind::NotFound && attempts < 8 => {
+                tracing::debug!("directory {} pruned while being created; retrying", dir.display());
+                attempts += 1;
+            }
+            Err((dir, e)) => return Err(io_err("create directory", &dir)(e)),
+        }
+    }
+}
+
+/// One walk of [`ensure_parent`]: the directory (or its parent, being synced) that failed.
+fn create_missing_dirs(parent: &Path, durable: bool) -> Result<(), (PathBuf, io::Error)> {
     if parent.is_dir() {
         return Ok(());
     }
@@ -562,11 +582,12 @@ fn ensure_parent(path: &Path, durable: bool) -> Result<(), StoreError> {
         match fs::create_dir(dir) {
             Ok(()) => {
                 if durable {
-                    sync_dir(dir.parent().expect("has parent"))?;
+                    let up = dir.parent().expect("has parent");
+                    sync_dir_io(up).map_err(|e| (up.to_owned(), e))?;
                 }
             }
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_err("create directory", dir)(e)),
+            Err(e) => return Err((dir.to_owned(), e)),
         }
     }
     Ok(())

@@ -418,3 +418,36 @@ fn a_piece_file_under_another_piece_name_is_corrupt_not_served() {
     assert!(e.to_string().contains("holds piece 1, not piece 2"), "{e}");
     assert_eq!(store.take_corrupt(), vec![2]);
 }
+
+/// Found by the randomized soak: a write whose directory was pruned by a concurrent delete of
+/// its last piece, between being found (or made) and its subdirectory being made, failed with
+/// "create directory ...: No such file or directory".
+#[test]
+fn writes_survive_concurrent_pruning_of_their_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+    // Pieces 36*36 + k share the directories `1/0`, which every delete of the last one prunes.
+    let base = 36 * 36;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut rounds = 0u64;
+                while std::time::Instant::now() < deadline {
+                    let piece = base + t;
+                    let mut w = store.begin_write(piece, None).unwrap();
+                    w.write_at(0, b"data").unwrap();
+                    w.commit()
+                        .unwrap_or_else(|e| panic!("round {rounds} of thread {t}: {e}"));
+                    assert!(store.delete(piece).unwrap());
+                    rounds += 1;
+                }
+                rounds
+            })
+        })
+        .collect();
+    for t in threads {
+        assert!(t.join().unwrap() > 0);
+    }
+}
