@@ -1100,8 +1100,11 @@ fn with_faults() {
                 failed_ops += 1;
             }
             m.log.push(format!("{i}: {what} -> {step:?}"));
-            // With everything up, what was acknowledged is there.
+            // With everything up, what was acknowledged is there. "Up" is what the metaserver
+            // knows: a daemon restarted a step ago may not have registered yet, and a chunk
+            // whose copies are all on it is unreadable (EIO) until it has.
             if down.is_none() && !meta_down && r.chance(15) {
+                cluster.wait_all_up();
                 m.verify(&mnt, &format!("step {i}"));
             }
         }
