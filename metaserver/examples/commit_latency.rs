@@ -100,6 +100,7 @@ fn main() {
                     exclusive: true,
                     session,
                     handle: i as u64,
+                    released: vec![],
                 })
                 .await;
             created.push(c);

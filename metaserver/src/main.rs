@@ -122,7 +122,10 @@ fn main() -> anyhow::Result<()> {
         copies_per_node: me.copies_per_node,
     };
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // One thread runs the network and the requests; the commit thread and the blocking pool
+    // (scans) are apart. On few cores every cross-thread wakeup costs more than the work of
+    // a request (see ARCHITECTURE.md, "Where the time goes").
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         let svc = MetaService::start(Arc::new(db), db_dir.clone(), settings)?;
         let endpoint = dfs_proto::endpoint::server(listen, tls.server_config()?, None, &tls.reset_secret())?;

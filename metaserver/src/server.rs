@@ -51,6 +51,7 @@ async fn handle_stream(svc: Arc<MetaService>, mut send: SendStream, mut recv: Re
         MetaRequest::Create(r) => answer!(s, remote, Create, svc.create(r).await),
         MetaRequest::Open(r) => answer!(s, remote, Open, svc.open(r).await),
         MetaRequest::Release(r) => answer!(s, remote, Release, svc.release(r).await),
+        MetaRequest::ReleaseHandles(r) => answer!(s, remote, ReleaseHandles, svc.release_handles(r).await),
         MetaRequest::SetAttr(r) => answer!(s, remote, SetAttr, svc.set_attr(r).await),
         MetaRequest::Unlink(r) => answer!(s, remote, Unlink, svc.unlink(r).await),
         MetaRequest::RemoveDir(r) => answer!(s, remote, RemoveDir, svc.remove_dir(r).await),

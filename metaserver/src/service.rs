@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use dfs_proto::ErrorKind;
 use dfs_proto::meta::*;
-use dfs_proto::types::{Attr, FileKind, Ino, NodeAddr, NodeId, PieceId};
+use dfs_proto::types::{Attr, FileKind, HandleId, Ino, NodeAddr, NodeId, PieceId, SessionId};
 use redb::{Database, ReadableTable, ReadableTableMetadata};
 use tokio::sync::Notify;
 
@@ -192,6 +192,14 @@ impl MetaService {
     }
 
     /// Runs a query on a consistent snapshot, off the async threads.
+    /// Runs a bounded query (a few point lookups or one page of a range) right here: a
+    /// transaction that reads cached pages takes microseconds, less than handing it to
+    /// another thread and waking this one again. Scans go through [`MetaService::read`].
+    pub(crate) fn read_now<T>(&self, f: impl FnOnce(&ReadCtx) -> Result<T>) -> Result<T> {
+        f(&ReadCtx::begin(&self.db)?)
+    }
+
+    /// Runs a query that may scan (a whole table or a node's pieces) on the blocking pool.
     pub(crate) async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&ReadCtx) -> Result<T> + Send + 'static,
@@ -376,20 +384,19 @@ impl MetaService {
     // Namespace
 
     pub async fn lookup(&self, req: Lookup) -> Result<Attr> {
-        self.read(move |r| namespace::lookup(r, req.parent, &req.name)).await
+        self.read_now(|r| namespace::lookup(r, req.parent, &req.name))
     }
 
     pub async fn get_attr(&self, req: GetAttr) -> Result<Attr> {
-        self.read(move |r| namespace::get_attr(r, req.ino)).await
+        self.read_now(|r| namespace::get_attr(r, req.ino))
     }
 
     pub async fn read_dir(&self, req: ReadDir) -> Result<DirPage> {
-        self.read(move |r| namespace::read_dir(r, req.dir, req.after.as_deref(), req.limit))
-            .await
+        self.read_now(|r| namespace::read_dir(r, req.dir, req.after.as_deref(), req.limit))
     }
 
     pub async fn read_link(&self, req: ReadLink) -> Result<Vec<u8>> {
-        self.read(move |r| namespace::read_link(r, req.ino)).await
+        self.read_now(|r| namespace::read_link(r, req.ino))
     }
 
     pub async fn make_node(&self, req: MakeNode) -> Result<NewEntry> {
@@ -416,6 +423,7 @@ impl MetaService {
 
     pub async fn create(&self, req: Create) -> Result<Created> {
         let session = req.session;
+        self.release_all(session, &req.released)?;
         let now = Instant::now();
         if !lock(&self.sessions).renew(session, now) {
             return Err(stale_session(session));
@@ -458,6 +466,7 @@ impl MetaService {
 
     pub async fn open(&self, req: Open) -> Result<Opened> {
         let ino = req.ino;
+        self.release_all(req.session, &req.released)?;
         // An open must not slip between a transaction deciding to delete the inode (nothing had
         // it open) and that transaction becoming durable: it would find the inode in the old
         // snapshot, and its reads would then fail. It waits for the outcome instead.
@@ -480,17 +489,15 @@ impl MetaService {
                 )));
             }
         }
-        let result = self
-            .read(move |r| {
-                let attr = namespace::get_attr(r, ino)?;
-                let chunks = if attr.kind == FileKind::RegularFile {
-                    namespace::chunk_range(r, ino, 0, CHUNK_WINDOW as u64 - 1)?
-                } else {
-                    vec![]
-                };
-                Ok((attr, chunks))
-            })
-            .await;
+        let result = self.read_now(|r| {
+            let attr = namespace::get_attr(r, ino)?;
+            let chunks = if attr.kind == FileKind::RegularFile {
+                namespace::chunk_range(r, ino, 0, CHUNK_WINDOW as u64 - 1)?
+            } else {
+                vec![]
+            };
+            Ok((attr, chunks))
+        });
         match result {
             Ok((attr, chunks)) => {
                 let now = Instant::now();
@@ -506,6 +513,41 @@ impl MetaService {
 
     pub async fn release(&self, req: Release) -> Result<()> {
         if lock(&self.sessions).release(req.session, req.handle, Instant::now()) {
+            // Possibly the last close of an unlinked file.
+            self.reaper.notify_one();
+        }
+        Ok(())
+    }
+
+    pub async fn release_handles(&self, req: ReleaseHandles) -> Result<()> {
+        self.release_all(req.session, &req.handles)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_open(&self, ino: Ino) -> bool {
+        lock(&self.sessions).is_open(ino)
+    }
+
+    /// Releases handles of `session` closed on its mount (sent alone or with a create or open).
+    fn release_all(&self, session: SessionId, handles: &[(HandleId, Ino)]) -> Result<()> {
+        if handles.is_empty() {
+            return Ok(());
+        }
+        if handles.len() > MAX_RELEASE_BATCH {
+            return Err(MetaError::fs(
+                ErrorKind::InvalidArgument,
+                format!("{} handles in one release (at most {MAX_RELEASE_BATCH})", handles.len()),
+            ));
+        }
+        let now = Instant::now();
+        let mut last_close = false;
+        {
+            let mut sessions = lock(&self.sessions);
+            for &(handle, _) in handles {
+                last_close |= sessions.release(session, handle, now);
+            }
+        }
+        if last_close {
             // Possibly the last close of an unlinked file.
             self.reaper.notify_one();
         }
@@ -548,11 +590,11 @@ impl MetaService {
     }
 
     pub async fn get_xattr(&self, req: GetXattr) -> Result<Vec<u8>> {
-        self.read(move |r| namespace::get_xattr(r, req.ino, &req.name)).await
+        self.read_now(|r| namespace::get_xattr(r, req.ino, &req.name))
     }
 
     pub async fn list_xattr(&self, req: ListXattr) -> Result<Vec<Vec<u8>>> {
-        self.read(move |r| namespace::list_xattrs(r, req.ino)).await
+        self.read_now(|r| namespace::list_xattrs(r, req.ino))
     }
 
     pub async fn set_xattr(&self, req: SetXattr) -> Result<Attr> {
@@ -590,13 +632,11 @@ impl MetaService {
 
     pub async fn chunk_map(&self, req: ChunkMap) -> Result<ChunkMapReply> {
         let count = req.count.clamp(1, MAX_CHUNK_MAP) as u64;
-        let (attr, chunks) = self
-            .read(move |r| {
-                let attr = namespace::get_attr(r, req.ino)?;
-                let last = req.first.saturating_add(count - 1);
-                Ok((attr, namespace::chunk_range(r, req.ino, req.first, last)?))
-            })
-            .await?;
+        let (attr, chunks) = self.read_now(|r| {
+            let attr = namespace::get_attr(r, req.ino)?;
+            let last = req.first.saturating_add(count - 1);
+            Ok((attr, namespace::chunk_range(r, req.ino, req.first, last)?))
+        })?;
         let now = Instant::now();
         let chunks = chunks.into_iter().map(|(i, c)| self.location(i, c, now)).collect();
         Ok(ChunkMapReply {
@@ -609,21 +649,19 @@ impl MetaService {
     pub async fn allocate_piece(&self, req: AllocatePiece) -> Result<Allocation> {
         let (ino, chunk) = (req.ino, req.chunk);
         let default_replicas = self.settings.replicas;
-        let (existing, replicas) = self
-            .read(move |r| {
-                let rec = namespace::inode(r, ino)?;
-                if rec.kind != FileKind::RegularFile {
-                    return Err(MetaError::fs(
-                        ErrorKind::InvalidArgument,
-                        format!("inode {ino} is not a regular file"),
-                    ));
-                }
-                Ok((
-                    namespace::chunk(r, ino, chunk)?,
-                    namespace::replicas_of(r, ino, default_replicas)?,
-                ))
-            })
-            .await?;
+        let (existing, replicas) = self.read_now(|r| {
+            let rec = namespace::inode(r, ino)?;
+            if rec.kind != FileKind::RegularFile {
+                return Err(MetaError::fs(
+                    ErrorKind::InvalidArgument,
+                    format!("inode {ino} is not a regular file"),
+                ));
+            }
+            Ok((
+                namespace::chunk(r, ino, chunk)?,
+                namespace::replicas_of(r, ino, default_replicas)?,
+            ))
+        })?;
         let Some(base) = existing else {
             return self.allocate_new(chunk, &req.exclude, replicas).await;
         };

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dfs_proto::ErrorKind;
-use dfs_proto::meta::{Open, OpenSession, Unlink};
+use dfs_proto::meta::{MAX_RELEASE_BATCH, Open, OpenSession, ReleaseHandles, Unlink};
 use dfs_proto::types::{Ino, ROOT_INO, SessionId};
 
 use crate::namespace;
@@ -111,6 +111,7 @@ async fn an_open_racing_an_unlink_that_deletes_the_file_does_not_succeed() {
             ino,
             session,
             handle: 1,
+            released: vec![],
         })
         .await
     });
@@ -124,4 +125,46 @@ async fn an_open_racing_an_unlink_that_deletes_the_file_does_not_succeed() {
     unlink.await.unwrap().unwrap();
     let opened = open.await.unwrap();
     assert_eq!(opened.err().map(|e| e.kind()), Some(ErrorKind::NotFound));
+}
+
+#[tokio::test]
+async fn releases_carried_by_an_open_close_the_handles_they_name() {
+    let f = Fixture::new();
+    let session = f.session().await;
+    let a = f.file("a").await;
+    let b = f.file("b").await;
+    for handle in [1, 2] {
+        let open = Open {
+            ino: a,
+            session,
+            handle,
+            released: vec![],
+        };
+        f.svc.open(open).await.unwrap();
+    }
+    assert!(f.svc.is_open(a));
+    let open = Open {
+        ino: b,
+        session,
+        handle: 3,
+        released: vec![(1, a), (2, a), (2, a)],
+    };
+    f.svc.open(open).await.unwrap();
+    assert!(!f.svc.is_open(a), "both handles released (one of them twice)");
+    assert!(f.svc.is_open(b));
+    // More than a batch may hold: refused, and nothing released.
+    let handles = (0..=MAX_RELEASE_BATCH as u64).map(|h| (3 + h, b)).collect();
+    let e = f
+        .svc
+        .release_handles(ReleaseHandles { session, handles })
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert!(f.svc.is_open(b));
+    let handles = vec![(3, b)];
+    f.svc
+        .release_handles(ReleaseHandles { session, handles })
+        .await
+        .unwrap();
+    assert!(!f.svc.is_open(b));
 }

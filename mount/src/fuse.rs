@@ -17,6 +17,7 @@ use fuser::{
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
     TimeOrNow, WriteFlags,
 };
+use futures_util::FutureExt;
 use tokio::runtime::Handle;
 
 use crate::dir::{DirHandle, FIRST_ENTRY};
@@ -47,19 +48,23 @@ impl DfsFs {
 
     /// Runs `op` as its own task, then `done` with its result. If the deadline passes first,
     /// the kernel gets EIO, but the operation is not cancelled (half-done work, such as a
-    /// commit, is never abandoned midway): it finishes in the background.
+    /// commit, is never abandoned midway): it finishes in the background, in the same task.
+    /// (One task per request: a second one to watch the first costs a wakeup per request.)
     fn run<T, F, D>(&self, what: &'static str, op: F, done: D)
     where
         T: Send + 'static,
         F: Future<Output = FsResult<T>> + Send + 'static,
         D: FnOnce(FsResult<T>) + Send + 'static,
     {
-        let task = self.rt.spawn(op);
         self.rt.spawn(async move {
-            let result = match tokio::time::timeout(OP_DEADLINE, task).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => Err(FsError::io(format!("{what} failed: {e}"))),
-                Err(_) => Err(FsError::io(format!("{what} did not complete within {OP_DEADLINE:?}"))),
+            let op = std::panic::AssertUnwindSafe(op).catch_unwind();
+            tokio::pin!(op);
+            let deadline = tokio::time::sleep(OP_DEADLINE);
+            tokio::pin!(deadline);
+            let (result, late) = tokio::select! {
+                biased;
+                r = &mut op => (r.unwrap_or_else(|_| Err(FsError::io(format!("{what} failed: it panicked")))), false),
+                _ = &mut deadline => (Err(FsError::io(format!("{what} did not complete within {OP_DEADLINE:?}"))), true),
             };
             if let Err(e) = &result {
                 if e.is_routine() {
@@ -69,6 +74,9 @@ impl DfsFs {
                 }
             }
             done(result);
+            if late {
+                let _ = op.await;
+            }
         });
     }
 }

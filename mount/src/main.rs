@@ -139,11 +139,18 @@ fn detach(log: &Path) -> anyhow::Result<Ready> {
 
 fn serve(config: &Config, tls: &TlsIdentity, mountpoint: &Path, ready: &mut Ready) -> anyhow::Result<()> {
     let client = config.client()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("dfs-mount")
-        .enable_all()
-        .build()?;
+    let runtime = if std::env::var("DFS_EXPERIMENT_CT").is_ok() {
+        tokio::runtime::Builder::new_current_thread()
+            .thread_name("dfs-mount")
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("dfs-mount")
+            .enable_all()
+            .build()?
+    };
     // Caught before mounting, so a stop request can never leave a dead mount behind.
     let mut signals = {
         let _rt = runtime.enter();
@@ -207,6 +214,8 @@ fn serve(config: &Config, tls: &TlsIdentity, mountpoint: &Path, ready: &mut Read
 
     let meta = mount.meta.clone();
     runtime.spawn(async move { meta.keep_alive(keepalive).await });
+    let releases = mount.meta.clone();
+    runtime.spawn(async move { releases.send_releases().await });
     let idle = mount.clone();
     runtime.spawn(async move { idle.commit_idle_writers().await });
     let mp = mountpoint.to_owned();

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dfs_proto::locks::{LockKind, LockOwner, LockTable};
-use dfs_proto::meta::{CloseSession, CommitId, CommitWrite, Fence, KeepAlive, OpenSession, Release, SessionInfo};
+use dfs_proto::meta::{
+    CloseSession, CommitId, CommitWrite, Fence, KeepAlive, MAX_RELEASE_BATCH, OpenSession, ReleaseHandles, SessionInfo,
+};
 use dfs_proto::types::Attr;
 use dfs_proto::types::{HandleId, Ino, SessionId};
 use dfs_proto::{Call, ErrorKind, Peer, RpcError};
@@ -19,8 +21,13 @@ pub struct MetaClient {
     session: tokio::sync::Mutex<Option<SessionId>>,
     /// Open handles and their inodes, re-declared when a session is re-established.
     open_files: Mutex<HashMap<HandleId, Ino>>,
-    /// Releases the metaserver has not acknowledged yet (retried by the keep-alive loop).
+    /// Releases not sent yet, or not acknowledged (sent in batches by `send_releases`; retried
+    /// by the keep-alive loop).
     unsent_releases: Mutex<Vec<(HandleId, Ino)>>,
+    releases_queued: tokio::sync::Notify,
+    /// Held while a batch of releases is on its way, so that waiting for the queue to drain
+    /// (`flush_releases`) includes the batch in flight.
+    sending_releases: tokio::sync::Mutex<()>,
     /// Locks this mount holds, by inode (owners are kernel lock owners; the session part is
     /// unused), claimed again when a session is re-established.
     held_locks: Mutex<HashMap<Ino, LockTable>>,
@@ -42,6 +49,10 @@ pub struct MetaClient {
 /// two): each is bounded by the request timeout.
 const COMMIT_ATTEMPTS: u32 = 3;
 
+/// A close's release waits this long for a create or an open to carry it (the metaserver
+/// deletes an unlinked file only once it is released; an unlink sends the queue first).
+const RELEASE_DELAY: Duration = Duration::from_millis(20);
+
 /// Session part of the owners in `held_locks`: the metaserver's session id is not part of
 /// what this mount remembers.
 const LOCAL: u64 = 0;
@@ -55,6 +66,8 @@ impl MetaClient {
             session: tokio::sync::Mutex::new(None),
             open_files: Mutex::new(HashMap::new()),
             unsent_releases: Mutex::new(Vec::new()),
+            releases_queued: tokio::sync::Notify::new(),
+            sending_releases: tokio::sync::Mutex::new(()),
             held_locks: Mutex::new(HashMap::new()),
             holds: Mutex::new(HashMap::new()),
             released_holds: Mutex::new(std::collections::VecDeque::new()),
@@ -271,13 +284,82 @@ impl MetaClient {
         self.open_files.lock().expect("open files").insert(handle, ino);
     }
 
-    /// Forgets an open handle and tells the metaserver (retrying later if it cannot be told;
-    /// a release that arrives twice counts once).
-    pub async fn release(&self, handle: HandleId, ino: Ino) {
+    /// Forgets an open handle; the metaserver is told soon, with others closed meanwhile
+    /// (a close waits for nothing but its commit; a release that arrives twice counts once).
+    pub fn release(&self, handle: HandleId, ino: Ino) {
         self.open_files.lock().expect("open files").remove(&handle);
-        if let Err(e) = self.call_in_session(|session| Release { ino, session, handle }).await {
-            tracing::warn!("cannot tell metaserver about closing inode {ino} (will retry): {e}");
-            self.unsent_releases.lock().expect("releases").push((handle, ino));
+        self.unsent_releases.lock().expect("releases").push((handle, ino));
+        self.releases_queued.notify_one();
+    }
+
+    /// Sends queued releases for the life of the mount: whatever gathered while the previous
+    /// batch was on its way goes in the next one.
+    pub async fn send_releases(&self) {
+        loop {
+            self.releases_queued.notified().await;
+            // A busy mount sends them with its next create or open; an idle one, shortly.
+            tokio::time::sleep(RELEASE_DELAY).await;
+            if self.releases_pending() {
+                self.flush_releases().await;
+            }
+        }
+    }
+
+    /// [`MetaClient::call_in_session`] for a request that also carries the releases queued
+    /// so far (a create or an open): they need no request of their own. If the call fails
+    /// they are queued again (a release that arrives twice counts once).
+    pub async fn call_releasing<C: Call>(
+        &self,
+        make: impl Fn(SessionId, Vec<(HandleId, Ino)>) -> C,
+    ) -> Result<C::Reply, RpcError> {
+        let released: Vec<(HandleId, Ino)> = {
+            let mut queue = self.unsent_releases.lock().expect("releases");
+            let n = queue.len().min(MAX_RELEASE_BATCH);
+            queue.drain(..n).collect()
+        };
+        let result = self.call_in_session(|session| make(session, released.clone())).await;
+        if result.is_err() && !released.is_empty() {
+            let mut queue = self.unsent_releases.lock().expect("releases");
+            let later = std::mem::replace(&mut *queue, released);
+            queue.extend(later);
+            self.releases_queued.notify_one();
+        }
+        result
+    }
+
+    /// True if some release has not reached the metaserver yet.
+    pub fn releases_pending(&self) -> bool {
+        !self.unsent_releases.lock().expect("releases").is_empty()
+    }
+
+    /// Sends every queued release (and waits for a batch already on its way). Before an
+    /// unlink or rename: a file whose last close is still queued would otherwise be kept as
+    /// unlinked-but-open and deleted later, in a transaction of its own. Failures stay queued.
+    pub async fn flush_releases(&self) {
+        let _sending = self.sending_releases.lock().await;
+        loop {
+            let batch: Vec<(HandleId, Ino)> = {
+                let mut queue = self.unsent_releases.lock().expect("releases");
+                let n = queue.len().min(MAX_RELEASE_BATCH);
+                queue.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                return;
+            }
+            let request = |session| ReleaseHandles {
+                session,
+                handles: batch.clone(),
+            };
+            if let Err(e) = self.call_in_session(request).await {
+                tracing::warn!(
+                    "cannot tell the metaserver about {} closed files (will retry): {e}",
+                    batch.len()
+                );
+                let mut queue = self.unsent_releases.lock().expect("releases");
+                let later = std::mem::replace(&mut *queue, batch);
+                queue.extend(later);
+                return;
+            }
         }
     }
 
@@ -304,12 +386,8 @@ impl MetaClient {
                 }
                 Err(e) => tracing::warn!("metaserver unreachable: {e}"),
             }
-            let pending: Vec<(HandleId, Ino)> = std::mem::take(&mut *self.unsent_releases.lock().expect("releases"));
-            for (handle, ino) in pending {
-                if let Err(e) = self.call_in_session(|session| Release { ino, session, handle }).await {
-                    tracing::debug!("release of inode {ino} still not delivered: {e}");
-                    self.unsent_releases.lock().expect("releases").push((handle, ino));
-                }
+            if self.releases_pending() {
+                self.flush_releases().await;
             }
         }
     }

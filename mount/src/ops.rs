@@ -235,8 +235,17 @@ impl Mount {
 
     pub async fn unlink(&self, parent: Ino, name: Vec<u8>) -> FsResult<()> {
         check_name(&name)?;
+        self.send_queued_releases().await;
         self.attrs.apply(&self.meta.call(Unlink { parent, name }).await?);
         Ok(())
+    }
+
+    /// A name about to go may be a file this mount just closed: its release goes first, so
+    /// that the metaserver deletes it at once rather than keep it as open.
+    async fn send_queued_releases(&self) {
+        if self.meta.releases_pending() {
+            self.meta.flush_releases().await;
+        }
     }
 
     pub async fn rmdir(&self, parent: Ino, name: Vec<u8>) -> FsResult<()> {
@@ -248,6 +257,7 @@ impl Mount {
     pub async fn rename(&self, req: Rename) -> FsResult<()> {
         check_name(&req.name)?;
         check_name(&req.new_name)?;
+        self.send_queued_releases().await;
         self.attrs.apply(&self.meta.call(req).await?);
         Ok(())
     }
@@ -621,7 +631,7 @@ impl Mount {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let created = self
             .meta
-            .call_in_session(|session| Create {
+            .call_releasing(|session, released| Create {
                 parent,
                 name: name.clone(),
                 perm,
@@ -630,6 +640,7 @@ impl Mount {
                 exclusive,
                 session,
                 handle: fh,
+                released,
             })
             .await
             .map_err(|e| {
@@ -674,10 +685,11 @@ impl Mount {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let opened = self
             .meta
-            .call_in_session(|session| Open {
+            .call_releasing(|session, released| Open {
                 ino,
                 session,
                 handle: fh,
+                released,
             })
             .await;
         let opened = by_ino(opened)?;
@@ -713,7 +725,7 @@ impl Mount {
             return Ok(());
         };
         let Some(state) = self.state(ino) else {
-            self.meta.release(fh, ino).await;
+            self.meta.release(fh, ino);
             return Ok(());
         };
         let last = {
@@ -736,7 +748,7 @@ impl Mount {
         } else {
             Ok(())
         };
-        self.meta.release(fh, ino).await;
+        self.meta.release(fh, ino);
         result
     }
 

@@ -20,6 +20,7 @@ service! {
         Create => Created,
         Open => Opened,
         Release => (),
+        ReleaseHandles => (),
         SetAttr => Attr,
         Unlink => Changes,
         RemoveDir => Changes,
@@ -163,6 +164,9 @@ pub struct Create {
     pub session: SessionId,
     /// The mount's id for the open this create makes.
     pub handle: HandleId,
+    /// Handles of this session closed since the last request, released first (at most
+    /// [`MAX_RELEASE_BATCH`]): a mount busy creating files needs no release requests.
+    pub released: Vec<(HandleId, Ino)>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -181,6 +185,8 @@ pub struct Open {
     pub ino: Ino,
     pub session: SessionId,
     pub handle: HandleId,
+    /// As in [`Create`].
+    pub released: Vec<(HandleId, Ino)>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -195,6 +201,18 @@ pub struct Release {
     pub ino: Ino,
     pub session: SessionId,
     pub handle: HandleId,
+}
+
+/// Most handles in one [`ReleaseHandles`].
+pub const MAX_RELEASE_BATCH: usize = 1024;
+
+/// Several handles closed on a mount, released in one request (the mount queues its releases
+/// and sends what gathered while the previous batch was on its way).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ReleaseHandles {
+    pub session: SessionId,
+    /// At most [`MAX_RELEASE_BATCH`] (handle, inode) pairs.
+    pub handles: Vec<(HandleId, Ino)>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

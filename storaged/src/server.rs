@@ -199,10 +199,22 @@ async fn send_range(store: Arc<PieceStore>, req: ReadPiece, send: &mut SendStrea
         let _ = reply::<ReadPiece>(send, Err(e)).await;
         return;
     }
+    // Opening and the first block in one trip to the blocking pool: most reads are one block.
+    // It is read and verified before answering, so a damaged range is answered with a
+    // Corrupt error in the common case (reads of up to READ_BLOCK bytes); damage found
+    // further on cuts the stream short.
     let s = store.clone();
-    let opened = spawn_blocking(move || s.open_reader(piece)).await;
-    let reader = match opened {
-        Ok(Ok(r)) => Arc::new(r),
+    let (start, want) = (req.offset, req.len as u64);
+    let opened = spawn_blocking(move || {
+        let reader = s.open_reader(piece)?;
+        let available = reader.len().saturating_sub(start).min(want);
+        let mut buf = vec![0u8; (available as usize).min(READ_BLOCK)];
+        let first = reader.read_exact(start, &mut buf).map(|()| buf).map_err(store_error);
+        Ok::<_, StoreError>((Arc::new(reader), available, first))
+    })
+    .await;
+    let (reader, available, first) = match opened {
+        Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             if matches!(e, StoreError::NotFound { .. }) {
                 store.note_missing(piece);
@@ -217,13 +229,9 @@ async fn send_range(store: Arc<PieceStore>, req: ReadPiece, send: &mut SendStrea
             return;
         }
     };
-    let available = reader.len().saturating_sub(req.offset).min(req.len as u64);
-    // The first block is read and verified before answering, so a damaged range is answered
-    // with a Corrupt error in the common case (reads of up to READ_BLOCK bytes); damage found
-    // further on cuts the stream short.
     let mut offset = req.offset;
     let end = req.offset + available;
-    let first = match read_verified(reader.clone(), offset, end).await {
+    let first = match first {
         Ok(buf) => buf,
         Err(e) => {
             tracing::warn!("read of piece {piece} for {remote} failed: {}", e.message);
