@@ -139,18 +139,11 @@ fn detach(log: &Path) -> anyhow::Result<Ready> {
 
 fn serve(config: &Config, tls: &TlsIdentity, mountpoint: &Path, ready: &mut Ready) -> anyhow::Result<()> {
     let client = config.client()?;
-    let runtime = if std::env::var("DFS_EXPERIMENT_CT").is_ok() {
-        tokio::runtime::Builder::new_current_thread()
-            .thread_name("dfs-mount")
-            .enable_all()
-            .build()?
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("dfs-mount")
-            .enable_all()
-            .build()?
-    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("dfs-mount")
+        .enable_all()
+        .build()?;
     // Caught before mounting, so a stop request can never leave a dead mount behind.
     let mut signals = {
         let _rt = runtime.enter();
