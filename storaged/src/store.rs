@@ -548,6 +548,9 @@ impl PieceStore {
     }
 }
 
+/// How often a write makes its directories again after concurrent deletes pruned them.
+pub(super) const MAX_PRUNE_RETRIES: u32 = 1000;
+
 /// Creates the parent directories of `path`; with `durable`, fsyncs the parent of each new one.
 ///
 /// A concurrent delete may prune a directory this just found or made (it was empty): the walk
@@ -558,9 +561,12 @@ fn ensure_parent(path: &Path, durable: bool) -> Result<(), StoreError> {
     loop {
         match create_missing_dirs(parent, durable) {
             Ok(()) => return Ok(()),
-            Err((dir, e)) if e.kind() == ErrorKind::NotFound && attempts < 8 => {
+            // Each retry means another thread pruned in between: under contention (CI's test
+            // threads on one directory) that can happen many times in a row; it ends.
+            Err((dir, e)) if e.kind() == ErrorKind::NotFound && attempts < MAX_PRUNE_RETRIES => {
                 tracing::debug!("directory {} pruned while being created; retrying", dir.display());
                 attempts += 1;
+                std::thread::yield_now();
             }
             Err((dir, e)) => return Err(io_err("create directory", &dir)(e)),
         }

@@ -156,7 +156,10 @@ impl PieceWriter {
             };
             match placed {
                 Ok(()) => break,
-                Err(e) if e.kind() == ErrorKind::NotFound && attempts < 5 => attempts += 1,
+                Err(e) if e.kind() == ErrorKind::NotFound && attempts < super::MAX_PRUNE_RETRIES => {
+                    attempts += 1;
+                    std::thread::yield_now();
+                }
                 Err(e) => return Err(io_err("put into place", &final_path)(e)),
             }
         }
