@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{Endpoint, EndpointConfig, MtuDiscoveryConfig, TokioRuntime, TransportConfig, VarInt};
+use quinn_proto::HashedConnectionIdGenerator;
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// UDP socket buffer size. With the kernel default (~208 KiB) quinn drops thousands of packets
@@ -91,7 +92,10 @@ pub fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, EndpointError> {
 }
 
 /// A server endpoint that can also open client connections (with `client`). `reset_secret` must
-/// be stable across restarts (see `TlsIdentity::reset_secret`).
+/// be stable across restarts (see `TlsIdentity::reset_secret`): it keys both the stateless
+/// reset tokens and the connection ids this endpoint hands out. A restarted server must
+/// recognise the ids its previous run issued as its own, or it drops its old peers' packets as
+/// noise ("invalid CID") instead of resetting their connections, and they wait out a timeout.
 pub fn server(
     addr: SocketAddr,
     server: quinn::ServerConfig,
@@ -100,13 +104,21 @@ pub fn server(
 ) -> Result<Endpoint, EndpointError> {
     let socket = bind_udp(addr)?;
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret);
-    let config = EndpointConfig::new(Arc::new(reset_key));
+    let cid_key = connection_id_key(&reset_key);
+    let mut config = EndpointConfig::new(Arc::new(reset_key));
+    config.cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)));
     let mut endpoint = Endpoint::new(config, Some(server), socket, Arc::new(TokioRuntime))
         .map_err(|source| EndpointError::Start { addr, source })?;
     if let Some(client) = client {
         endpoint.set_default_client_config(client);
     }
     Ok(endpoint)
+}
+
+/// The key of the connection-id generator, derived from the reset key (so stable as well).
+fn connection_id_key(reset_key: &ring::hmac::Key) -> u64 {
+    let tag = ring::hmac::sign(reset_key, b"dfs connection ids v1");
+    u64::from_le_bytes(tag.as_ref()[..8].try_into().expect("HMAC-SHA256 is 32 bytes"))
 }
 
 /// A client-only endpoint on an ephemeral port, reaching IPv6 and IPv4 peers (IPv4 only where

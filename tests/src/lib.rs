@@ -105,6 +105,7 @@ pub fn sh(script: &str) -> Output {
 
 struct Proc {
     child: Child,
+    started: Instant,
 }
 
 impl Proc {
@@ -224,7 +225,10 @@ impl Cluster {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin_name}: {e}"));
-        Proc { child }
+        Proc {
+            child,
+            started: Instant::now(),
+        }
     }
 
     fn config_arg(&self) -> String {
@@ -321,14 +325,24 @@ impl Cluster {
         self.try_status().expect("dfs status failed")
     }
 
-    /// Waits until every running daemon is registered and up.
+    /// Waits until every running daemon is registered and up, each heard from since it was
+    /// (re)started: a daemon killed and started again before the metaserver noticed still
+    /// counts as up, but only its new process's heartbeat says it is serving again.
     pub fn wait_all_up(&self) {
-        let names: Vec<String> = self.daemons.keys().cloned().collect();
+        let since: Vec<(String, Instant)> = self.daemons.iter().map(|(n, p)| (n.clone(), p.started)).collect();
         wait_until("all storage daemons up", Duration::from_secs(20), || {
+            // The report is made after this instant: a heartbeat it dates less than (asked -
+            // started) ago came from the new process.
+            let asked = Instant::now();
             self.try_status().is_some_and(|r| {
-                names
-                    .iter()
-                    .all(|n| r.nodes.iter().any(|x| &x.node.name == n && x.node.up))
+                since.iter().all(|(n, started)| {
+                    let running_for = asked.saturating_duration_since(*started);
+                    r.nodes.iter().any(|x| {
+                        &x.node.name == n
+                            && x.node.up
+                            && x.last_seen_ms.is_some_and(|ms| Duration::from_millis(ms) < running_for)
+                    })
+                })
             })
         });
     }
@@ -435,6 +449,11 @@ impl Drop for Cluster {
         }
         if let Some(mut p) = self.meta.take() {
             p.stop(Duration::from_secs(5));
+        }
+        if std::thread::panicking() && std::env::var_os("DFS_TEST_KEEP").is_some() {
+            // Whole logs and data stay for a post-mortem.
+            self.dir.disable_cleanup(true);
+            eprintln!("kept {} (DFS_TEST_KEEP)", self.dir.path().display());
         }
     }
 }
