@@ -146,6 +146,11 @@ impl Mount {
 
     /// The state of `ino` with one more open handle counted. Counting under the map lock keeps
     /// a concurrent last `release` from dropping a state that is being reopened.
+    /// Whether a file handle is open on `ino` on this mount.
+    fn has_open_handles(&self, ino: Ino) -> bool {
+        self.state(ino).is_some_and(|s| s.handles.load(Ordering::Acquire) > 0)
+    }
+
     fn acquire_state(&self, ino: Ino) -> Arc<InodeState> {
         let mut inodes = self.inodes.lock().expect("inodes");
         let state = inodes.entry(ino).or_insert_with(|| Arc::new(InodeState::new(ino)));
@@ -693,6 +698,18 @@ impl Mount {
             })
             .await;
         let opened = by_ino(opened)?;
+        if opened.attr.nlink == 0 && !self.has_open_handles(ino) {
+            // An open comes through a name (a path, or `/proc/PID/fd`, whose file is then open
+            // here). An unlinked inode this mount does not have open was reached through an
+            // entry the kernel cached before another mount removed the name: the inode lives
+            // on only for the processes holding it there. ESTALE makes the kernel look the
+            // name up again: ENOENT, or the file now under that name, as on a local disk.
+            self.meta.release(fh, ino);
+            return Err(FsError::new(
+                libc::ESTALE,
+                format!("inode {ino} was removed by another mount (reached through a cached entry)"),
+            ));
+        }
         let state = self.acquire_state(ino);
         {
             // Close-to-open: every open sees the file as last committed anywhere.

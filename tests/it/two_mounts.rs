@@ -238,7 +238,8 @@ fn sqlite_with_a_writer_on_each_mount_stays_intact() {
                     "begin immediate; insert into t(who, n) values('{who}', {i}); update t set n = n + 1 where id = 1; commit;"
                 );
                 run(Command::new("sqlite3")
-                    .args(["-cmd", ".timeout 30000"])
+                    // `.log stderr`: on failure, sqlite says which system call failed and how.
+                    .args(["-cmd", ".timeout 30000", "-cmd", ".log stderr"])
                     .arg(&db)
                     .arg(sql));
             }
@@ -253,4 +254,56 @@ fn sqlite_with_a_writer_on_each_mount_stays_intact() {
         ));
         assert_eq!(String::from_utf8(out.stdout).unwrap(), "ok\n100\n100\n200\n");
     }
+}
+
+/// A name another mount removed is gone for `open()`, even while this mount's kernel still
+/// holds the entry (within the entry cache timeout) and the inode lives on because a process
+/// there keeps it open. Before, the open reached that unlinked inode: SQLite on the second
+/// mount took another mount's deleted journal for a hot one and rolled committed transactions
+/// back, or wrote its own journal into the deleted file and then failed to delete it (EIO).
+#[test]
+fn open_through_a_cached_entry_does_not_reach_a_file_removed_elsewhere() {
+    let mut cluster = Cluster::with(Options {
+        storage_daemons: 1,
+        // Long enough that the kernel on B answers from its cache throughout.
+        tweak: |c| {
+            if let Some(client) = c.client.as_mut() {
+                client.entry_timeout_ms = 60_000;
+                client.attr_timeout_ms = 60_000;
+            }
+        },
+        ..Options::default()
+    });
+    let (a, b) = (cluster.mount(), cluster.mount());
+    fs::write(a.join("journal"), "old journal").unwrap();
+    // B looks the name up (and caches the entry).
+    assert_eq!(fs::read_to_string(b.join("journal")).unwrap(), "old journal");
+    // A keeps the file open and removes it: the inode lives on, unlinked.
+    let held = fs::File::open(a.join("journal")).unwrap();
+    fs::remove_file(a.join("journal")).unwrap();
+    for (i, how) in ["read-only", "read-write", "create"].iter().enumerate() {
+        let r = match i {
+            0 => fs::File::open(b.join("journal")),
+            1 => OpenOptions::new().read(true).write(true).open(b.join("journal")),
+            _ => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(b.join("journal")),
+        };
+        match (i, r) {
+            (0 | 1, Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{how} open: {e}"),
+            (0 | 1, Ok(_)) => panic!("{how} open on B reached the file A removed"),
+            (_, r) => {
+                // Creating makes a new, empty file under the name, visible to A as well.
+                let mut f = r.unwrap_or_else(|e| panic!("{how} open: {e}"));
+                f.write_all(b"new journal").unwrap();
+                dfs_tests::close(f).unwrap();
+            }
+        }
+    }
+    assert_eq!(fs::read_to_string(a.join("journal")).unwrap(), "new journal");
+    assert_eq!(fs::read_to_string(b.join("journal")).unwrap(), "new journal");
+    drop(held);
 }
