@@ -144,13 +144,13 @@ impl Mount {
             .clone()
     }
 
-    /// The state of `ino` with one more open handle counted. Counting under the map lock keeps
-    /// a concurrent last `release` from dropping a state that is being reopened.
     /// Whether a file handle is open on `ino` on this mount.
     fn has_open_handles(&self, ino: Ino) -> bool {
         self.state(ino).is_some_and(|s| s.handles.load(Ordering::Acquire) > 0)
     }
 
+    /// The state of `ino` with one more open handle counted. Counting under the map lock keeps
+    /// a concurrent last `release` from dropping a state that is being reopened.
     fn acquire_state(&self, ino: Ino) -> Arc<InodeState> {
         let mut inodes = self.inodes.lock().expect("inodes");
         let state = inodes.entry(ino).or_insert_with(|| Arc::new(InodeState::new(ino)));
