@@ -202,7 +202,11 @@ impl Mount {
             None => None,
         };
         if let (Some(state), Some(w)) = (&state, writer.as_mut()) {
-            if !truncates && req.ctime.is_none() && (w.dirty || w.fresh) && w.error.is_none() {
+            // Held back only while a descriptor is open, whose last release will commit it. A
+            // release that already began (it counts the handle off before it takes the writer)
+            // may drop this state once the writer is free: a change held there is never sent.
+            let open = state.handles.load(Ordering::Acquire) > 0;
+            if open && !truncates && req.ctime.is_none() && (w.dirty || w.fresh) && w.error.is_none() {
                 // A file being written: like the writes, the change is committed at close or
                 // fsync (tar and cp -p set times and modes on files they are writing).
                 state.hold_attrs(&req.changes);
@@ -859,6 +863,9 @@ impl Mount {
             return Err(e);
         }
         if !w.dirty {
+            // Nothing to commit: the create itself was durable. After a close or fsync the file
+            // is no longer "just created", and attribute changes go to the metaserver at once.
+            w.fresh = false;
             return Ok(());
         }
         let request = CommitWrite {
