@@ -4,10 +4,12 @@ use std::path::Path;
 
 use dfs_proto::meta::Changes;
 use dfs_proto::types::{Attr, FileKind, NodeId, PieceId, ROOT_INO, Timestamp};
-use redb::{Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, Table, WriteTransaction};
+use redb::{Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
 
 use crate::error::{MetaError, Result};
+use crate::logged::{Logged, RawChange};
 use crate::schema::*;
+use crate::wal::TableId;
 
 /// Opens (creating and initialising if new) the metadata database.
 pub fn open(path: &Path, chunk_size: u64) -> Result<Database> {
@@ -65,17 +67,17 @@ pub struct Effects {
 
 /// Every table, open for writing within one transaction.
 pub struct WriteCtx<'t> {
-    pub inodes: Table<'t, u64, &'static [u8]>,
-    pub dirents: Table<'t, (u64, &'static [u8]), u64>,
-    pub chunks: Table<'t, (u64, u64), &'static [u8]>,
-    pub xattrs: Table<'t, (u64, &'static [u8]), &'static [u8]>,
-    pub node_pieces: Table<'t, (u32, u64), (u64, u64, u64)>,
-    pub deletes: Table<'t, (u32, u64), ()>,
-    pub orphans: Table<'t, u64, ()>,
-    pub sessions: Table<'t, u64, ()>,
-    pub nodes: Table<'t, u32, &'static [u8]>,
-    pub meta: Table<'t, &'static str, u64>,
-    pub commits: Table<'t, (u64, u64), &'static [u8]>,
+    pub inodes: Logged<'t, u64, &'static [u8]>,
+    pub dirents: Logged<'t, (u64, &'static [u8]), u64>,
+    pub chunks: Logged<'t, (u64, u64), &'static [u8]>,
+    pub xattrs: Logged<'t, (u64, &'static [u8]), &'static [u8]>,
+    pub node_pieces: Logged<'t, (u32, u64), (u64, u64, u64)>,
+    pub deletes: Logged<'t, (u32, u64), ()>,
+    pub orphans: Logged<'t, u64, ()>,
+    pub sessions: Logged<'t, u64, ()>,
+    pub nodes: Logged<'t, u32, &'static [u8]>,
+    pub meta: Logged<'t, &'static str, u64>,
+    pub commits: Logged<'t, (u64, u64), &'static [u8]>,
     pub effects: Effects,
     pub now: Timestamp,
     /// Whether an inode that just lost its last link may go at once (no mount has it open).
@@ -94,17 +96,17 @@ impl<'t> WriteCtx<'t> {
 
     pub fn open_with(txn: &'t WriteTransaction, may_delete: &'t (dyn Fn(u64) -> bool + Sync)) -> Result<Self> {
         Ok(WriteCtx {
-            inodes: txn.open_table(INODES)?,
-            dirents: txn.open_table(DIRENTS)?,
-            chunks: txn.open_table(CHUNKS)?,
-            xattrs: txn.open_table(XATTRS)?,
-            node_pieces: txn.open_table(NODE_PIECES)?,
-            deletes: txn.open_table(DELETES)?,
-            orphans: txn.open_table(ORPHANS)?,
-            sessions: txn.open_table(SESSIONS)?,
-            nodes: txn.open_table(NODES)?,
-            meta: txn.open_table(META)?,
-            commits: txn.open_table(COMMITS)?,
+            inodes: Logged::new(txn.open_table(INODES)?),
+            dirents: Logged::new(txn.open_table(DIRENTS)?),
+            chunks: Logged::new(txn.open_table(CHUNKS)?),
+            xattrs: Logged::new(txn.open_table(XATTRS)?),
+            node_pieces: Logged::new(txn.open_table(NODE_PIECES)?),
+            deletes: Logged::new(txn.open_table(DELETES)?),
+            orphans: Logged::new(txn.open_table(ORPHANS)?),
+            sessions: Logged::new(txn.open_table(SESSIONS)?),
+            nodes: Logged::new(txn.open_table(NODES)?),
+            meta: Logged::new(txn.open_table(META)?),
+            commits: Logged::new(txn.open_table(COMMITS)?),
             effects: Effects::default(),
             now: Timestamp::now(),
             may_delete,
@@ -146,8 +148,26 @@ impl<'t> WriteCtx<'t> {
         changes
     }
 
+    /// Every change made in this transaction so far, by table (see [`crate::wal::TableId`]).
+    pub fn take_changes(&mut self) -> Vec<(TableId, Vec<RawChange>)> {
+        let all = [
+            (TableId::Inodes, self.inodes.take_changes()),
+            (TableId::Dirents, self.dirents.take_changes()),
+            (TableId::Chunks, self.chunks.take_changes()),
+            (TableId::Xattrs, self.xattrs.take_changes()),
+            (TableId::NodePieces, self.node_pieces.take_changes()),
+            (TableId::Deletes, self.deletes.take_changes()),
+            (TableId::Orphans, self.orphans.take_changes()),
+            (TableId::Sessions, self.sessions.take_changes()),
+            (TableId::Nodes, self.nodes.take_changes()),
+            (TableId::Meta, self.meta.take_changes()),
+            (TableId::Commits, self.commits.take_changes()),
+        ];
+        all.into_iter().filter(|(_, changes)| !changes.is_empty()).collect()
+    }
+
     pub fn add_counter(&mut self, key: &'static str, delta: i64) -> Result<()> {
-        let v = get_counter(&self.meta, key)?;
+        let v = get_counter(self.meta.table(), key)?;
         self.meta.insert(key, v.saturating_add_signed(delta))?;
         Ok(())
     }
@@ -155,16 +175,16 @@ impl<'t> WriteCtx<'t> {
 
 impl Tables for WriteCtx<'_> {
     fn inodes(&self) -> &impl ReadableTable<u64, &'static [u8]> {
-        &self.inodes
+        self.inodes.table()
     }
     fn dirents(&self) -> &impl ReadableTable<(u64, &'static [u8]), u64> {
-        &self.dirents
+        self.dirents.table()
     }
     fn chunks(&self) -> &impl ReadableTable<(u64, u64), &'static [u8]> {
-        &self.chunks
+        self.chunks.table()
     }
     fn xattrs(&self) -> &impl ReadableTable<(u64, &'static [u8]), &'static [u8]> {
-        &self.xattrs
+        self.xattrs.table()
     }
 }
 

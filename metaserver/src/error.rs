@@ -16,6 +16,15 @@ pub enum MetaError {
         #[source]
         source: postcard::Error,
     },
+    #[error("metadata log {path}: cannot {op}: {source}")]
+    Log {
+        path: std::path::PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metadata log {path}: {reason}")]
+    LogDamaged { path: std::path::PathBuf, reason: String },
     #[error("metaserver is shutting down")]
     ShuttingDown,
     #[error("metadata commit failed: {0}")]

@@ -7,6 +7,7 @@ pub mod db;
 pub mod error;
 pub mod healer;
 pub mod locks;
+pub mod logged;
 pub mod namespace;
 pub mod registry;
 pub mod repair;
@@ -14,6 +15,7 @@ pub mod schema;
 pub mod server;
 pub mod service;
 pub mod sessions;
+pub mod wal;
 
 #[cfg(test)]
 mod service_tests;

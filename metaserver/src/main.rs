@@ -28,7 +28,8 @@ struct Args {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Take a consistent snapshot of the running metaserver's database and write it to FILE
-    /// (restore: stop the metaserver, put FILE in place of `<db_dir>/meta.redb`, start it).
+    /// (restore: stop the metaserver, put FILE in place of `<db_dir>/meta.redb`, remove
+    /// `<db_dir>/meta.wal`, start it).
     Backup {
         /// Where to write the snapshot (a redb database file).
         out: PathBuf,

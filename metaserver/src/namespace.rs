@@ -144,7 +144,7 @@ fn counter_for(kind: FileKind) -> &'static str {
 }
 
 fn alloc_ino(ctx: &mut WriteCtx<'_>) -> Result<Ino> {
-    let next = crate::schema::get_counter(&ctx.meta, keys::NEXT_INO)?;
+    let next = crate::schema::get_counter(ctx.meta.table(), keys::NEXT_INO)?;
     ctx.meta.insert(keys::NEXT_INO, next + 1)?;
     Ok(next)
 }
@@ -686,7 +686,7 @@ pub fn commit_write(
             ));
         }
     }
-    let mut rec = match get_inode(&ctx.inodes, ino)? {
+    let mut rec = match get_inode(ctx.inodes.table(), ino)? {
         Some(rec) if rec.kind == FileKind::RegularFile => rec,
         found => {
             // The file is gone (or never was a file): its new pieces would be leaked.
@@ -797,7 +797,7 @@ pub fn forget_old_commits(ctx: &mut WriteCtx<'_>) -> Result<u64> {
 /// Deletes an orphaned inode and queues its pieces for deletion, unless a mount opened it
 /// since (through `/proc/PID/fd`, say): the decision is the transaction's own (`may_delete`).
 pub fn reap_orphan(ctx: &mut WriteCtx<'_>, ino: Ino) -> Result<()> {
-    match get_inode(&ctx.inodes, ino)? {
+    match get_inode(ctx.inodes.table(), ino)? {
         Some(rec) if rec.nlink == 0 => {
             if !(ctx.may_delete)(ino) {
                 return Ok(());
@@ -837,7 +837,7 @@ pub fn register_node(ctx: &mut WriteCtx<'_>, name: &str, addr: &str, domain: Opt
         None => {
             // Never the id of a daemon forgotten before: what is still known of it (in
             // memory, in logs) must not apply to a newcomer.
-            let next = crate::schema::get_counter(&ctx.meta, keys::NEXT_NODE_ID)?.max(max_id as u64 + 1);
+            let next = crate::schema::get_counter(ctx.meta.table(), keys::NEXT_NODE_ID)?.max(max_id as u64 + 1);
             ctx.meta.insert(keys::NEXT_NODE_ID, next + 1)?;
             u32::try_from(next).map_err(|_| fs_err(ErrorKind::NoSpace, "no storage daemon ids left"))?
         }

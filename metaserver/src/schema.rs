@@ -52,6 +52,10 @@ pub mod keys {
     pub const SYMLINKS: &str = "symlinks";
     /// The id the next new storage daemon gets (ids are never reused).
     pub const NEXT_NODE_ID: &str = "next_node_id";
+    /// The last batch of the write-ahead log this database holds (see `wal`).
+    pub const WAL_SEQ: &str = "wal_seq";
+    /// The current round of the write-ahead log: only its records are replayed.
+    pub const WAL_TOKEN: &str = "wal_token";
 }
 
 pub const FORMAT_VERSION: u64 = 2;

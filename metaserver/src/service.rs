@@ -20,6 +20,7 @@ use crate::namespace::{self, NewNode};
 use crate::registry::{NoDaemon, Registry};
 use crate::schema::{ChunkRecord, NodeRecord, get_counter, keys};
 use crate::sessions::Sessions;
+use crate::wal::{WAL_FILE, Wal};
 
 /// Piece ids are reserved on disk in blocks, so allocating one rarely needs a commit.
 const PIECE_ID_BLOCK: u64 = 100_000;
@@ -103,6 +104,8 @@ impl MetaService {
         if leftovers > 0 {
             tracing::info!("removed {leftovers} backup snapshots an earlier run left unread");
         }
+        // Before anything reads the database: it must hold every acknowledged batch.
+        let wal = Wal::recover(&db, &db_dir.join(WAL_FILE))?;
         let r = ReadCtx::begin(&db)?;
         let stored_chunk = get_counter(&r.meta, keys::CHUNK_SIZE)?;
         if stored_chunk != settings.chunk_size {
@@ -151,6 +154,7 @@ impl MetaService {
             let undoomed_done = undoomed.clone();
             Committer::start(
                 db.clone(),
+                Some(wal),
                 move |effects: Option<Effects>| {
                     // Opens of inodes this transaction deleted may now look (and not find them).
                     lock(&sessions_done).clear_doomed();
@@ -238,7 +242,7 @@ impl MetaService {
         if ids.0 >= ids.1 {
             let limit = self
                 .write(|ctx| {
-                    let limit = get_counter(&ctx.meta, keys::PIECE_ID_LIMIT)? + PIECE_ID_BLOCK;
+                    let limit = get_counter(ctx.meta.table(), keys::PIECE_ID_LIMIT)? + PIECE_ID_BLOCK;
                     ctx.meta.insert(keys::PIECE_ID_LIMIT, limit)?;
                     Ok(limit)
                 })

@@ -110,3 +110,52 @@ fn daemon_restarted_at_once_serves_its_reads_again() {
         );
     }
 }
+
+/// The metaserver acknowledges a metadata operation once its batch is in the write-ahead log
+/// (redb itself is made durable only now and then): killed right after the last answer, it
+/// replays the log on start and every acknowledged operation is there.
+#[test]
+fn metaserver_killed_right_after_answering_replays_its_log() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut cluster = Cluster::start(2);
+    let mnt = cluster.mount();
+    std::fs::create_dir(mnt.join("d")).unwrap();
+    for i in 0..100 {
+        std::fs::write(mnt.join(format!("d/f{i}")), format!("content {i}")).unwrap();
+    }
+    for i in 0..20 {
+        std::fs::create_dir(mnt.join(format!("d/sub{i}"))).unwrap();
+        std::fs::rename(mnt.join(format!("d/f{i}")), mnt.join(format!("d/sub{i}/moved"))).unwrap();
+        std::fs::remove_file(mnt.join(format!("d/f{}", 50 + i))).unwrap();
+    }
+    std::fs::set_permissions(mnt.join("d/f99"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The last answer came back: kill at once, well within the log's idle checkpoint.
+    cluster.kill_metaserver();
+    cluster.start_metaserver();
+    cluster.wait_all_up();
+    let logs = cluster.logs();
+    assert!(
+        logs.contains("metadata batches"),
+        "the restart should have replayed the log; logs:\n{logs}"
+    );
+    // The mount's first request may meet the connection the kill broke.
+    dfs_tests::wait_until("the mount reconnected", std::time::Duration::from_secs(20), || {
+        std::fs::read(mnt.join("d/f99")).is_ok()
+    });
+    for i in 0..100 {
+        let path = match i {
+            0..20 => mnt.join(format!("d/sub{i}/moved")),
+            50..70 => {
+                assert!(!mnt.join(format!("d/f{i}")).exists(), "f{i} was removed");
+                continue;
+            }
+            _ => mnt.join(format!("d/f{i}")),
+        };
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+            format!("content {i}")
+        );
+    }
+    assert_eq!(std::fs::metadata(mnt.join("d/f99")).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::metadata(mnt.join("d")).unwrap().nlink(), 22);
+}
