@@ -3,6 +3,7 @@
 pub mod drain;
 pub mod local;
 pub mod locate;
+pub mod metrics_view;
 pub mod mount_helper;
 pub mod replicas;
 pub mod status;

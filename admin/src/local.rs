@@ -8,7 +8,7 @@
 //! DIR/logs/             process logs written by `dfs up`
 //! ```
 
-use std::net::UdpSocket;
+use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 
 use dfs_common::config::{ClientConfig, ClusterConfig, Config, ConfigError, MetaserverConfig, StoragedConfig};
@@ -38,8 +38,9 @@ pub fn default_dir() -> PathBuf {
     dirs::data_dir().unwrap_or_else(|| PathBuf::from(".")).join("dfs")
 }
 
-/// A free UDP address on `host` (an IP address) right now, as `host:port` (`[v6]:port`).
-pub fn free_udp_addr(host: &str) -> std::io::Result<String> {
+/// An address on `host` (an IP address) whose port is free right now for both UDP (QUIC) and
+/// TCP (the same process's metrics), as `host:port` (`[v6]:port`).
+pub fn free_addr(host: &str) -> std::io::Result<String> {
     let ip: std::net::IpAddr = host.parse().map_err(|_| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -52,7 +53,7 @@ pub fn free_udp_addr(host: &str) -> std::io::Result<String> {
     let span = low.saturating_sub(PORT_FLOOR).max(1);
     for attempt in 0..200u64 {
         let port = PORT_FLOOR + (random(attempt) % span as u64) as u16;
-        if port < low && UdpSocket::bind((ip, port)).is_ok() {
+        if port < low && UdpSocket::bind((ip, port)).is_ok() && TcpListener::bind((ip, port)).is_ok() {
             return Ok(std::net::SocketAddr::new(ip, port).to_string());
         }
     }
@@ -60,7 +61,7 @@ pub fn free_udp_addr(host: &str) -> std::io::Result<String> {
     Ok(std::net::SocketAddr::new(ip, port).to_string())
 }
 
-/// Lowest port `free_udp_addr` hands out.
+/// Lowest port `free_addr` hands out.
 const PORT_FLOOR: u16 = 20_000;
 
 /// The kernel's range of automatically assigned ports.
@@ -121,6 +122,17 @@ pub fn prepare(dir: &Path, daemons: usize, host: &str, replicas: Option<u8>) -> 
         config.storaged.push(entry);
         changed = true;
     }
+    // Metrics are served on loopback clusters (directories made before they were lack it).
+    if let Some(m) = config.metaserver.as_mut()
+        && m.metrics_listen.is_none()
+    {
+        m.metrics_listen = Some(m.listen.clone());
+        changed = true;
+    }
+    for s in config.storaged.iter_mut().filter(|s| s.metrics_listen.is_none()) {
+        s.metrics_listen = Some(s.listen.clone());
+        changed = true;
+    }
     if let (Some(r), Some(m)) = (replicas, config.metaserver.as_mut())
         && m.replicas != r
     {
@@ -148,7 +160,7 @@ fn create(dir: &Path, host: &str) -> Result<(), LocalError> {
             issue(dir, &ca, name, host)?;
         }
     }
-    let meta_addr = free_udp_addr(host).map_err(io(dir))?;
+    let meta_addr = free_addr(host).map_err(io(dir))?;
     let (mcert, mkey) = cert_files(METASERVER_NAME);
     let (ccert, ckey) = cert_files(CLIENT_NAME);
     let config = Config {
@@ -157,7 +169,11 @@ fn create(dir: &Path, host: &str) -> Result<(), LocalError> {
             metaserver: meta_addr.clone(),
             metaserver_name: METASERVER_NAME.into(),
         },
-        metaserver: Some(MetaserverConfig::new(meta_addr, "meta".into(), mcert, mkey)),
+        metaserver: Some(MetaserverConfig {
+            // Metrics over TCP on the port number of the QUIC listener.
+            metrics_listen: Some(meta_addr.clone()),
+            ..MetaserverConfig::new(meta_addr, "meta".into(), mcert, mkey)
+        }),
         client: Some(ClientConfig::new(ccert, ckey)),
         storaged: vec![],
         base_dir: dir.to_owned(),
@@ -176,14 +192,11 @@ fn new_storage_daemon(dir: &Path, config: &Config, ca: &PemPair, host: &str) -> 
         issue(dir, ca, &name, host)?;
     }
     let (cert, key) = cert_files(&name);
-    let listen = free_udp_addr(host).map_err(io(dir))?;
-    Ok(StoragedConfig::new(
-        name.clone(),
-        listen,
-        PathBuf::from(&name),
-        cert,
-        key,
-    ))
+    let listen = free_addr(host).map_err(io(dir))?;
+    Ok(StoragedConfig {
+        metrics_listen: Some(listen.clone()),
+        ..StoragedConfig::new(name.clone(), listen, PathBuf::from(&name), cert, key)
+    })
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use dfs_admin::{drain, local, locate, mount_helper, replicas, status, up};
+use dfs_admin::{drain, local, locate, metrics_view, mount_helper, replicas, status, up};
 use dfs_common::config::{Config, DEFAULT_PATH};
 use dfs_proto::certs;
 
@@ -76,6 +76,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print the latency of every kind of request a dfs process served (count, mean, p50, p90,
+    /// p99), from its metrics address (`dfs up` prints them; `metrics_listen` in dfs.toml).
+    Metrics {
+        /// http://HOST:PORT/metrics, or HOST:PORT.
+        #[arg(required = true)]
+        urls: Vec<String>,
+        /// Print the raw metrics text instead.
+        #[arg(long)]
+        raw: bool,
+    },
     /// Manage the cluster's certificates.
     Cert {
         #[command(subcommand)]
@@ -124,6 +134,19 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
         Cmd::Cert { command } => cert(command),
+        Cmd::Metrics { urls, raw } => {
+            let rt = runtime()?;
+            for url in &urls {
+                let text = rt.block_on(metrics_view::fetch(url, Duration::from_secs(5)))?;
+                if raw {
+                    print!("{text}");
+                } else {
+                    println!("{url}");
+                    print!("{}", metrics_view::render(&metrics_view::latencies(&text)));
+                }
+            }
+            Ok(())
+        }
         Cmd::Status { config, json } => {
             let config = Config::load(&config)?;
             let report = runtime()?.block_on(status::fetch(&config, Duration::from_secs(5)))?;

@@ -220,6 +220,10 @@ pub async fn run(opts: UpOptions) -> Result<(), UpError> {
     let config_path = config.path.clone();
     let cfg = config_path.as_os_str();
 
+    let mount_metrics = local::free_addr("127.0.0.1").map_err(|source| local::LocalError::Io {
+        path: opts.dir.clone(),
+        source,
+    })?;
     let mut meta = spawn("metaserver", "dfs-metaserver", &["--config".as_ref(), cfg], &logs)?;
     let mut daemons = Vec::new();
     let mut mount_slot: Option<Process> = None;
@@ -249,6 +253,8 @@ pub async fn run(opts: UpOptions) -> Result<(), UpError> {
                 "--config".as_ref(),
                 cfg,
                 "--foreground".as_ref(),
+                "--metrics-listen".as_ref(),
+                mount_metrics.as_ref(),
                 mountpoint.as_os_str(),
             ],
             &logs,
@@ -285,6 +291,17 @@ pub async fn run(opts: UpOptions) -> Result<(), UpError> {
     println!("  config      {}", config_path.display());
     println!("  logs        {}", logs.display());
     println!("  status      dfs status --config {}", config_path.display());
+    let mut metrics = vec![format!("mount http://{mount_metrics}/metrics")];
+    if let Some(addr) = config.metaserver.as_ref().and_then(|m| m.metrics_listen.as_ref()) {
+        metrics.push(format!("metaserver http://{addr}/metrics"));
+    }
+    for s in &config.storaged {
+        if let Some(addr) = &s.metrics_listen {
+            metrics.push(format!("{} http://{addr}/metrics", s.name));
+        }
+    }
+    println!("  metrics     {}", metrics.join("\n              "));
+    println!("              (dfs metrics URL prints each operation's latency)");
     println!("Press Ctrl-C to unmount and stop.");
 
     let mut tick = tokio::time::interval(Duration::from_millis(500));

@@ -106,6 +106,10 @@ pub struct MetaserverConfig {
     /// Copies (repairs and moves) each daemon makes at once: bounds the rate of healing.
     #[serde(default = "default_copies_per_node")]
     pub copies_per_node: u32,
+    /// Serve Prometheus metrics over HTTP on this address (`host:port`, path `/metrics`). Off
+    /// unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
 }
 
 fn default_heartbeat_timeout_ms() -> u64 {
@@ -152,6 +156,10 @@ pub struct ClientConfig {
     pub attr_timeout_ms: u64,
     #[serde(default = "default_cache_timeout_ms")]
     pub entry_timeout_ms: u64,
+    /// Serve Prometheus metrics over HTTP on this address (`host:port`, path `/metrics`). Off
+    /// unless set; `dfs-mount --metrics-listen` overrides it (one address per mount).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
 }
 
 fn default_request_timeout_ms() -> u64 {
@@ -197,6 +205,10 @@ pub struct StoragedConfig {
     /// A scrub pass over every stored piece starts this long after the previous one began.
     #[serde(default = "default_scrub_interval_secs")]
     pub scrub_interval_secs: u64,
+    /// Serve Prometheus metrics over HTTP on this address (`host:port`, path `/metrics`). Off
+    /// unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
 }
 
 fn default_fanout() -> u32 {
@@ -369,6 +381,7 @@ impl ClientConfig {
             data_timeout_ms: default_data_timeout_ms(),
             attr_timeout_ms: default_cache_timeout_ms(),
             entry_timeout_ms: default_cache_timeout_ms(),
+            metrics_listen: None,
         }
     }
 }
@@ -388,6 +401,7 @@ impl MetaserverConfig {
             dead_after_secs: default_dead_after_secs(),
             balance_threshold_percent: default_balance_threshold_percent(),
             copies_per_node: default_copies_per_node(),
+            metrics_listen: None,
         }
     }
 }
@@ -407,6 +421,7 @@ impl StoragedConfig {
             domain: None,
             scrub_bytes_per_sec: default_scrub_bytes_per_sec(),
             scrub_interval_secs: default_scrub_interval_secs(),
+            metrics_listen: None,
         }
     }
 

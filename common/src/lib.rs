@@ -1,8 +1,9 @@
-//! What every dfs binary shares: the `dfs.toml` configuration, logging set-up and process
-//! plumbing (signals, mount table).
+//! What every dfs binary shares: the `dfs.toml` configuration, logging set-up, metrics and
+//! process plumbing (signals, mount table).
 
 pub mod config;
 pub mod logging;
+pub mod metrics;
 pub mod process;
 
 pub use config::Config;

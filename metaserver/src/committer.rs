@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 
 use crate::db::{Effects, WriteCtx};
 use crate::error::{MetaError, Result};
+use crate::metrics::CommitMetrics;
 use crate::schema::keys;
 use crate::wal::Wal;
 
@@ -39,12 +40,13 @@ impl Committer {
         wal: Option<Wal>,
         on_commit: impl Fn(Option<Effects>) + Send + 'static,
         may_delete: impl Fn(u64) -> bool + Send + Sync + 'static,
+        metrics: CommitMetrics,
     ) -> Self {
         let (jobs, rx) = channel::<Job>();
         std::thread::Builder::new()
             .name("committer".into())
             .spawn(move || {
-                let run = std::panic::AssertUnwindSafe(|| commit_loop(&db, wal, rx, &on_commit, &may_delete));
+                let run = std::panic::AssertUnwindSafe(|| commit_loop(&db, wal, rx, &on_commit, &may_delete, &metrics));
                 if std::panic::catch_unwind(run).is_err() {
                     // State on disk is consistent; a restart is safer than limping on read-only.
                     tracing::error!("commit thread panicked; aborting so the metaserver restarts");
@@ -83,13 +85,14 @@ fn commit_loop(
     rx: Receiver<Job>,
     on_commit: &dyn Fn(Option<Effects>),
     may_delete: &(dyn Fn(u64) -> bool + Sync),
+    metrics: &CommitMetrics,
 ) {
     loop {
         let first = match wal.as_ref().filter(|w| w.has_records()) {
             Some(_) => match rx.recv_timeout(IDLE_CHECKPOINT) {
                 Ok(job) => job,
                 Err(RecvTimeoutError::Timeout) => {
-                    checkpoint(db, &mut wal);
+                    checkpoint(db, &mut wal, metrics);
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -106,10 +109,14 @@ fn commit_loop(
                 Err(_) => break,
             }
         }
+        metrics.batch_ops.observe(batch.len() as f64);
+        let started = std::time::Instant::now();
         let (responders, outcome) = run_batch(db, &mut wal, batch, may_delete);
+        metrics.duration.observe(started.elapsed().as_secs_f64());
         let (result, effects) = match outcome {
             Ok(effects) => (Ok(()), Some(effects)),
             Err(e) => {
+                metrics.failures.inc();
                 tracing::error!("metadata transaction failed: {e}");
                 (Err(e.to_string()), None)
             }
@@ -119,21 +126,22 @@ fn commit_loop(
             respond(result.clone());
         }
         if wal.as_ref().is_some_and(|w| w.is_full() || w.round_age() >= MAX_ROUND) {
-            checkpoint(db, &mut wal);
+            checkpoint(db, &mut wal, metrics);
         }
     }
     if wal.as_ref().is_some_and(|w| w.has_records()) {
-        checkpoint(db, &mut wal);
+        checkpoint(db, &mut wal, metrics);
     }
 }
 
 /// Makes redb durable and starts the log again. If that fails the log keeps its records (they
 /// are still needed) and grows; the next checkpoint tries again.
-fn checkpoint(db: &Database, wal: &mut Option<Wal>) {
-    if let Some(w) = wal.as_mut()
-        && let Err(e) = w.checkpoint(db)
-    {
-        tracing::error!("cannot checkpoint the metadata log into the database: {e}");
+fn checkpoint(db: &Database, wal: &mut Option<Wal>, metrics: &CommitMetrics) {
+    let Some(w) = wal.as_mut() else { return };
+    let started = std::time::Instant::now();
+    match w.checkpoint(db) {
+        Ok(()) => metrics.checkpoint_duration.observe(started.elapsed().as_secs_f64()),
+        Err(e) => tracing::error!("cannot checkpoint the metadata log into the database: {e}"),
     }
 }
 
@@ -195,7 +203,7 @@ mod tests {
     async fn concurrent_writes_all_land() {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(crate::db::open(&dir.path().join("m.redb"), 1 << 20).unwrap());
-        let committer = Committer::start(db.clone(), None, |_| {}, |_| false);
+        let committer = Committer::start(db.clone(), None, |_| {}, |_| false, Default::default());
         let mut tasks = vec![];
         for _ in 0..200 {
             let c = committer.clone();
@@ -223,7 +231,7 @@ mod tests {
     async fn failed_operation_does_not_fail_its_batch() {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(crate::db::open(&dir.path().join("m.redb"), 1 << 20).unwrap());
-        let committer = Committer::start(db, None, |_| {}, |_| false);
+        let committer = Committer::start(db, None, |_| {}, |_| false, Default::default());
         let bad = committer.write(|_| Err::<(), _>(crate::error::not_found("x")));
         let good = committer.write(|ctx| {
             ctx.meta.insert("ok", 1)?;

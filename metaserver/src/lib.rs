@@ -8,6 +8,7 @@ pub mod error;
 pub mod healer;
 pub mod locks;
 pub mod logged;
+pub mod metrics;
 pub mod namespace;
 pub mod registry;
 pub mod repair;

@@ -135,6 +135,9 @@ fn main() -> anyhow::Result<()> {
             db_path.display(),
             svc.chunk_size()
         );
+        let metrics = dfs_common::metrics::Metrics::new("dfs_metaserver");
+        svc.metrics().register(&metrics);
+        dfs_common::metrics::serve_if_configured(me.metrics_listen.as_deref(), &metrics).await?;
         tokio::spawn(dfs_metaserver::server::housekeeping(svc.clone()));
         tokio::spawn(dfs_metaserver::server::serve(endpoint.clone(), svc));
         dfs_common::process::shutdown_signal().await;

@@ -16,6 +16,7 @@ use crate::db::{Effects, ReadCtx, WriteCtx};
 use crate::error::{MetaError, Result};
 use crate::healer::HealerState;
 use crate::locks::ClusterLocks;
+use crate::metrics::MetaMetrics;
 use crate::namespace::{self, NewNode};
 use crate::registry::{NoDaemon, Registry};
 use crate::schema::{ChunkRecord, NodeRecord, get_counter, keys};
@@ -47,6 +48,7 @@ pub struct Settings {
 }
 
 pub struct MetaService {
+    metrics: MetaMetrics,
     pub(crate) db: Arc<Database>,
     committer: Committer,
     pub(crate) registry: Arc<Mutex<Registry>>,
@@ -146,6 +148,7 @@ impl MetaService {
         )));
         let reaper = Arc::new(Notify::new());
         let undoomed = Arc::new(Notify::new());
+        let metrics = MetaMetrics::default();
         let committer = {
             let registry = registry.clone();
             let reaper = reaper.clone();
@@ -167,6 +170,7 @@ impl MetaService {
                 },
                 // Just after a restart, open files are not known until mounts resume.
                 move |ino| lock(&sessions).doom_if_closed(ino, Instant::now()),
+                metrics.commit.clone(),
             )
         };
         Ok(Arc::new(MetaService {
@@ -188,7 +192,13 @@ impl MetaService {
             presence_checks: Mutex::new(HashMap::new()),
             check_rounds: std::sync::atomic::AtomicU64::new(0),
             db_dir,
+            metrics,
         }))
+    }
+
+    /// What this metaserver measures about itself (registered by `main` when served).
+    pub fn metrics(&self) -> &MetaMetrics {
+        &self.metrics
     }
 
     pub fn chunk_size(&self) -> u64 {

@@ -317,7 +317,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(crate::db::open(&dir.path().join("m.redb"), 1 << 20).unwrap());
         let wal = Wal::recover(&db, &dir.path().join(WAL_FILE)).unwrap();
-        let committer = Committer::start(db.clone(), Some(wal), |_| {}, |_| false);
+        let committer = Committer::start(db.clone(), Some(wal), |_| {}, |_| false, Default::default());
         for i in 1..=50u64 {
             committer
                 .write(move |ctx| {

@@ -20,6 +20,8 @@ use fuser::{
 use futures_util::FutureExt;
 use tokio::runtime::Handle;
 
+use dfs_common::metrics::RequestMetrics;
+
 use crate::dir::{DirHandle, FIRST_ENTRY};
 use crate::error::{FsError, FsResult};
 use crate::ops::Mount;
@@ -34,15 +36,24 @@ pub struct DfsFs {
     rt: Handle,
     attr_ttl: Duration,
     entry_ttl: Duration,
+    /// Every FUSE request, by operation (`lookup`, `create`, `write`...).
+    requests: RequestMetrics,
 }
 
 impl DfsFs {
-    pub fn new(mount: Arc<Mount>, rt: Handle, attr_ttl: Duration, entry_ttl: Duration) -> Self {
+    pub fn new(
+        mount: Arc<Mount>,
+        rt: Handle,
+        attr_ttl: Duration,
+        entry_ttl: Duration,
+        requests: RequestMetrics,
+    ) -> Self {
         DfsFs {
             mount,
             rt,
             attr_ttl,
             entry_ttl,
+            requests,
         }
     }
 
@@ -56,6 +67,7 @@ impl DfsFs {
         F: Future<Output = FsResult<T>> + Send + 'static,
         D: FnOnce(FsResult<T>) + Send + 'static,
     {
+        let timer = self.requests.start(what);
         self.rt.spawn(async move {
             let op = std::panic::AssertUnwindSafe(op).catch_unwind();
             tokio::pin!(op);
@@ -73,12 +85,48 @@ impl DfsFs {
                     tracing::warn!("{what} failed: {e}");
                 }
             }
+            timer.done(result.as_ref().err().map(|e| errno_name(e.errno)));
             done(result);
             if late {
                 let _ = op.await;
             }
         });
     }
+}
+
+/// A metrics label for an errno: its usual name.
+fn errno_name(errno: i32) -> String {
+    let name = match errno {
+        libc::ENOENT => "ENOENT",
+        libc::EEXIST => "EEXIST",
+        libc::EIO => "EIO",
+        libc::EACCES => "EACCES",
+        libc::EPERM => "EPERM",
+        libc::ENOSPC => "ENOSPC",
+        libc::ENOTEMPTY => "ENOTEMPTY",
+        libc::ENOTDIR => "ENOTDIR",
+        libc::EISDIR => "EISDIR",
+        libc::EINVAL => "EINVAL",
+        libc::ESTALE => "ESTALE",
+        libc::EAGAIN => "EAGAIN",
+        libc::ENODATA => "ENODATA",
+        libc::ENOSYS => "ENOSYS",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::EROFS => "EROFS",
+        libc::ENAMETOOLONG => "ENAMETOOLONG",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::EINTR => "EINTR",
+        libc::EBUSY => "EBUSY",
+        libc::EXDEV => "EXDEV",
+        libc::ERANGE => "ERANGE",
+        libc::EMLINK => "EMLINK",
+        libc::EDEADLK => "EDEADLK",
+        libc::ENOLCK => "ENOLCK",
+        libc::EBADF => "EBADF",
+        libc::EFBIG => "EFBIG",
+        other => return format!("errno {other}"),
+    };
+    name.to_owned()
 }
 
 fn errno(e: &FsError) -> Errno {

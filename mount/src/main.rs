@@ -31,6 +31,10 @@ struct Args {
     /// Where a detached mount writes its log (default /var/log/dfs-mount.log, else /tmp).
     #[arg(long)]
     log_file: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP on this address (`host:port`, path `/metrics`);
+    /// overrides `metrics_listen` of the config's [client] section.
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 /// How start-up reports success or failure: directly, or to the parent that is waiting for the
@@ -69,7 +73,8 @@ fn main() -> anyhow::Result<()> {
         detach(&log)?
     };
     dfs_common::logging::init("dfs-mount");
-    let result = serve(&config, &tls, &mountpoint, &mut ready);
+    let metrics_listen = args.metrics_listen.clone().or_else(|| client.metrics_listen.clone());
+    let result = serve(&config, &tls, &mountpoint, metrics_listen.as_deref(), &mut ready);
     if let Err(e) = &result {
         tracing::error!("{e:#}");
         ready.report(&format!("{e:#}\n"));
@@ -137,7 +142,13 @@ fn detach(log: &Path) -> anyhow::Result<Ready> {
     }
 }
 
-fn serve(config: &Config, tls: &TlsIdentity, mountpoint: &Path, ready: &mut Ready) -> anyhow::Result<()> {
+fn serve(
+    config: &Config,
+    tls: &TlsIdentity,
+    mountpoint: &Path,
+    metrics_listen: Option<&str>,
+    ready: &mut Ready,
+) -> anyhow::Result<()> {
     let client = config.client()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -173,12 +184,17 @@ fn serve(config: &Config, tls: &TlsIdentity, mountpoint: &Path, ready: &mut Read
         let mount = Arc::new(Mount::new(meta, storage, session.chunk_size, timeouts, attr_ttl));
         anyhow::Ok((mount, Duration::from_millis(session.keepalive_ms as u64)))
     })?;
+    let requests = dfs_common::metrics::RequestMetrics::default();
+    let metrics = dfs_common::metrics::Metrics::new("dfs_mount");
+    requests.register(&metrics, "fuse_request", "FUSE requests");
+    runtime.block_on(dfs_common::metrics::serve_if_configured(metrics_listen, &metrics))?;
 
     let fs = DfsFs::new(
         mount.clone(),
         runtime.handle().clone(),
         Duration::from_millis(client.attr_timeout_ms),
         Duration::from_millis(client.entry_timeout_ms),
+        requests,
     );
     let mut options = fuser::Config::default();
     options.mount_options = vec![

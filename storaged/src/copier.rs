@@ -390,7 +390,11 @@ mod tests {
         )
         .unwrap();
         let addr_a = endpoint_a.local_addr().unwrap();
-        tokio::spawn(crate::server::serve(endpoint_a.clone(), store_a.clone()));
+        tokio::spawn(crate::server::serve(
+            endpoint_a.clone(),
+            store_a.clone(),
+            Default::default(),
+        ));
 
         // Daemon B copies.
         let dir_b = tempfile::tempdir().unwrap();

@@ -3,6 +3,7 @@
 pub mod copier;
 pub mod layout;
 pub mod membership;
+pub mod metrics;
 pub mod piece_format;
 pub mod scrub;
 pub mod server;

@@ -106,7 +106,11 @@ fn main() -> anyhow::Result<()> {
             interval: Duration::from_secs(me.scrub_interval_secs),
         };
         let scrub = tokio::spawn(scrubber.run());
-        tokio::spawn(dfs_storaged::server::serve(endpoint.clone(), store));
+        let storage_metrics = dfs_storaged::metrics::StorageMetrics::default();
+        let metrics = dfs_common::metrics::Metrics::new("dfs_storaged");
+        storage_metrics.register(&metrics);
+        dfs_common::metrics::serve_if_configured(me.metrics_listen.as_deref(), &metrics).await?;
+        tokio::spawn(dfs_storaged::server::serve(endpoint.clone(), store, storage_metrics));
         dfs_common::process::shutdown_signal().await;
         tracing::info!("storage daemon {} shutting down", me.name);
         membership.abort();

@@ -15,6 +15,7 @@ use dfs_proto::{ErrorKind, RemoteError};
 use quinn::{Endpoint, RecvStream, SendStream, VarInt};
 use tokio::task::{JoinHandle, spawn_blocking};
 
+use crate::metrics::StorageMetrics;
 use crate::store::{PieceReader, PieceStore, PieceWriter, StoreError};
 
 /// A client that stops sending mid-piece for this long is abandoned (its partial piece
@@ -25,33 +26,49 @@ const READ_BLOCK: usize = 1 << 20;
 /// Stream error code telling a reader the data after the header is not coming.
 const READ_FAILED: VarInt = VarInt::from_u32(1);
 
-pub async fn serve(endpoint: Endpoint, store: Arc<PieceStore>) {
+pub async fn serve(endpoint: Endpoint, store: Arc<PieceStore>, metrics: StorageMetrics) {
     dfs_proto::server::accept_streams(endpoint, move |send, recv, remote| {
-        handle_stream(store.clone(), send, recv, remote)
+        handle_stream(store.clone(), metrics.clone(), send, recv, remote)
     })
     .await
 }
 
-async fn handle_stream(store: Arc<PieceStore>, mut send: SendStream, mut recv: RecvStream, remote: SocketAddr) {
+async fn handle_stream(
+    store: Arc<PieceStore>,
+    metrics: StorageMetrics,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    remote: SocketAddr,
+) {
     let Some(request) = next_request::<StorageRequest>(&mut send, &mut recv, remote).await else {
         return;
     };
     let started = std::time::Instant::now();
     let call = request.name();
+    let timer = metrics.requests.start(call);
+    let kind = |e: &RemoteError| Some(format!("{:?}", e.kind));
     let sent = match request {
         StorageRequest::WritePiece(w) => {
             let piece = w.piece;
-            let result = receive_piece(store, w, &mut send, &mut recv).await;
+            let result = receive_piece(store, w, &mut send, &mut recv, &metrics).await;
             if let Err(e) = &result {
                 tracing::warn!("write of piece {piece} from {remote} failed: {}", e.message);
             }
+            timer.done(result.as_ref().err().and_then(kind));
             reply::<WritePiece>(&mut send, result).await
         }
         StorageRequest::ReadPiece(r) => {
-            send_range(store, r, &mut send, remote).await;
+            let result = send_range(store, r, &mut send, remote).await;
+            if let Ok(sent) = &result {
+                metrics.bytes_read.inc_by(*sent);
+            }
+            timer.done(result.as_ref().err().and_then(kind));
             Ok(())
         }
-        StorageRequest::Ping(_) => reply::<Ping>(&mut send, Ok(store.usage())).await,
+        StorageRequest::Ping(_) => {
+            timer.done(None);
+            reply::<Ping>(&mut send, Ok(store.usage())).await
+        }
     };
     if sent.is_ok() {
         let _ = send.finish();
@@ -99,6 +116,7 @@ async fn receive_piece(
     req: WritePiece,
     send: &mut SendStream,
     recv: &mut RecvStream,
+    metrics: &StorageMetrics,
 ) -> Result<PieceWritten, RemoteError> {
     let piece = req.piece;
     // The base is opened before any data is taken: from here on its bytes are this write's,
@@ -165,6 +183,7 @@ async fn receive_piece(
             Ok(writer)
         }));
     }
+    let stream_ended = std::time::Instant::now();
     let len = if streaming {
         let writer = settle(busy.take()).await?;
         spawn_blocking(move || writer.commit()).await
@@ -179,6 +198,8 @@ async fn receive_piece(
         .await
     };
     let len = len.map_err(join_error)?.map_err(store_error)?;
+    metrics.piece_durable.observe(stream_ended.elapsed().as_secs_f64());
+    metrics.bytes_written.inc_by(len);
     Ok(PieceWritten { len })
 }
 
@@ -189,15 +210,21 @@ async fn settle(task: Option<JoinHandle<Result<PieceWriter, StoreError>>>) -> Re
         .map_err(store_error)
 }
 
-async fn send_range(store: Arc<PieceStore>, req: ReadPiece, send: &mut SendStream, remote: SocketAddr) {
+/// Serves a read; returns the bytes sent, or the error the reader was given.
+async fn send_range(
+    store: Arc<PieceStore>,
+    req: ReadPiece,
+    send: &mut SendStream,
+    remote: SocketAddr,
+) -> Result<u64, RemoteError> {
     let piece = req.piece;
     if req.len > MAX_READ {
         let e = protocol_error(
             piece,
             format!("read of {} bytes exceeds the {MAX_READ}-byte limit", req.len),
         );
-        let _ = reply::<ReadPiece>(send, Err(e)).await;
-        return;
+        let _ = reply::<ReadPiece>(send, Err(e.clone())).await;
+        return Err(e);
     }
     // Opening and the first block in one trip to the blocking pool: most reads are one block.
     // It is read and verified before answering, so a damaged range is answered with a
@@ -221,12 +248,14 @@ async fn send_range(store: Arc<PieceStore>, req: ReadPiece, send: &mut SendStrea
             } else {
                 tracing::warn!("read of piece {piece} for {remote} failed: {e}");
             }
-            let _ = reply::<ReadPiece>(send, Err(e.to_remote())).await;
-            return;
+            let e = e.to_remote();
+            let _ = reply::<ReadPiece>(send, Err(e.clone())).await;
+            return Err(e);
         }
         Err(e) => {
-            let _ = reply::<ReadPiece>(send, Err(join_error(e))).await;
-            return;
+            let e = join_error(e);
+            let _ = reply::<ReadPiece>(send, Err(e.clone())).await;
+            return Err(e);
         }
     };
     let mut offset = req.offset;
@@ -235,15 +264,15 @@ async fn send_range(store: Arc<PieceStore>, req: ReadPiece, send: &mut SendStrea
         Ok(buf) => buf,
         Err(e) => {
             tracing::warn!("read of piece {piece} for {remote} failed: {}", e.message);
-            let _ = reply::<ReadPiece>(send, Err(e)).await;
-            return;
+            let _ = reply::<ReadPiece>(send, Err(e.clone())).await;
+            return Err(e);
         }
     };
     if reply::<ReadPiece>(send, Ok(ReadReply { len: available as u32 }))
         .await
         .is_err()
     {
-        return;
+        return Ok(0);
     }
     let mut next = Some(Ok(first));
     while offset < end {
@@ -256,16 +285,17 @@ async fn send_range(store: Arc<PieceStore>, req: ReadPiece, send: &mut SendStrea
                 offset += buf.len() as u64;
                 // Handing quinn the buffer itself spares a copy of every byte served.
                 if send.write_chunk(bytes::Bytes::from(buf)).await.is_err() {
-                    return;
+                    return Ok(offset - req.offset);
                 }
             }
             Err(e) => {
                 tracing::error!("read of piece {piece} at {offset} for {remote} failed: {}", e.message);
                 let _ = send.reset(READ_FAILED);
-                return;
+                return Err(e);
             }
         }
     }
+    Ok(offset - req.offset)
 }
 
 /// Reads (and verifies) the next at most READ_BLOCK bytes of `[offset, end)`.
