@@ -65,6 +65,7 @@ async fn handle_stream(svc: Arc<MetaService>, mut send: SendStream, mut recv: Re
         MetaRequest::Link(r) => answer!(s, remote, timer, Link, svc.link(r).await),
         MetaRequest::ChunkMap(r) => answer!(s, remote, timer, ChunkMap, svc.chunk_map(r).await),
         MetaRequest::AllocatePiece(r) => answer!(s, remote, timer, AllocatePiece, svc.allocate_piece(r).await),
+        MetaRequest::AllocateCopy(r) => answer!(s, remote, timer, AllocateCopy, svc.allocate_copy(r).await),
         MetaRequest::CommitWrite(r) => answer!(s, remote, timer, CommitWrite, svc.commit_write(r).await),
         MetaRequest::Deallocate(r) => answer!(s, remote, timer, Deallocate, svc.deallocate(r).await),
         MetaRequest::StatFs(r) => answer!(s, remote, timer, StatFs, svc.stat_fs(r).await),

@@ -680,14 +680,72 @@ impl MetaService {
             return self.allocate_new(chunk, &req.exclude, replicas).await;
         };
         // A rewrite copies the existing piece, so its copies are made by the daemons holding
-        // it (each from its own copy). Fewer of them than the factor: the repair adds the rest.
+        // it (each from its own copy).
+        let len = base.len;
+        self.allocate_from(ino, chunk, chunk, base, len, &req.exclude, replicas)
+            .await
+    }
+
+    /// A new piece for chunk `chunk` of `ino` made by the daemons holding chunk `src_chunk` of
+    /// `src_ino`, each copying the first `len` bytes of its own copy (copy_file_range: the
+    /// bytes go from daemon to daemon's disk, never through the client).
+    pub async fn allocate_copy(&self, req: AllocateCopy) -> Result<Allocation> {
+        let default_replicas = self.settings.replicas;
+        let (source, replicas) = self.read_now(|r| {
+            for ino in [req.src_ino, req.ino] {
+                let rec = namespace::inode(r, ino)?;
+                if rec.kind != FileKind::RegularFile {
+                    return Err(MetaError::fs(
+                        ErrorKind::InvalidArgument,
+                        format!("inode {ino} is not a regular file"),
+                    ));
+                }
+            }
+            Ok((
+                namespace::chunk(r, req.src_ino, req.src_chunk)?,
+                namespace::replicas_of(r, req.ino, default_replicas)?,
+            ))
+        })?;
+        let Some(source) = source else {
+            return Err(MetaError::fs(
+                ErrorKind::NotFound,
+                format!("chunk {} of inode {} holds no data to copy", req.src_chunk, req.src_ino),
+            ));
+        };
+        let len = req.len.min(source.len);
+        self.allocate_from(
+            req.src_ino,
+            req.src_chunk,
+            req.chunk,
+            source,
+            len,
+            &req.exclude,
+            replicas,
+        )
+        .await
+    }
+
+    /// A new piece for `chunk` starting as a copy of the first `len` bytes of `base` (chunk
+    /// `base_chunk` of `base_ino`), made by the daemons holding `base`. Fewer of them than the
+    /// factor: the repair adds the rest.
+    #[allow(clippy::too_many_arguments)]
+    async fn allocate_from(
+        &self,
+        base_ino: Ino,
+        base_chunk: u64,
+        chunk: u64,
+        base: ChunkRecord,
+        len: u64,
+        exclude: &[NodeId],
+        replicas: u8,
+    ) -> Result<Allocation> {
         let now = Instant::now();
         let usable = |allow_draining: bool| -> Vec<NodeAddr> {
             let registry = lock(&self.registry);
             base.nodes
                 .iter()
                 .map(|&n| registry.addr(n, now))
-                .filter(|a| a.up && !req.exclude.contains(&a.id))
+                .filter(|a| a.up && !exclude.contains(&a.id))
                 .filter(|a| allow_draining || !registry.node(a.id).is_some_and(|s| s.draining))
                 .take(replicas as usize)
                 .collect()
@@ -704,7 +762,7 @@ impl MetaService {
             return Err(MetaError::fs(
                 ErrorKind::StorageUnavailable,
                 format!(
-                    "chunk {chunk} of inode {ino} is on storage daemons [{}], none of them up and reachable from the client",
+                    "chunk {base_chunk} of inode {base_ino} is on storage daemons [{}], none of them up and reachable from the client",
                     holders.join(", ")
                 ),
             ));
@@ -713,17 +771,14 @@ impl MetaService {
         {
             let mut registry = lock(&self.registry);
             for n in &nodes {
-                registry.note_pending(piece, n.id, 0, now);
+                registry.note_pending(piece, n.id, len, now);
             }
         }
         Ok(Allocation {
             chunk,
             piece,
             nodes,
-            base: Some(BasePiece {
-                piece: base.piece,
-                len: base.len,
-            }),
+            base: Some(BasePiece { piece: base.piece, len }),
             replicas,
         })
     }

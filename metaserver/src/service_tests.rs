@@ -168,3 +168,84 @@ async fn releases_carried_by_an_open_close_the_handles_they_name() {
         .unwrap();
     assert!(!f.svc.is_open(b));
 }
+
+/// A copied chunk is made by the daemons holding the source chunk, from the source piece, no
+/// longer than the source holds; a hole or a directory has nothing to copy.
+#[tokio::test]
+async fn a_copied_chunk_is_based_on_the_source_piece_on_its_holders() {
+    use dfs_proto::meta::{AllocateCopy, AllocatePiece, CommitWrite, RegisterNode, WrittenPiece};
+    use dfs_proto::types::NodeUsage;
+    let f = Fixture::new();
+    let usage = NodeUsage {
+        pieces: 0,
+        bytes: 0,
+        free_bytes: 1 << 40,
+        capacity_bytes: 1 << 40,
+    };
+    let mut nodes = Vec::new();
+    for name in ["storage-1", "storage-2"] {
+        let registered = f
+            .svc
+            .register_node(RegisterNode {
+                name: name.into(),
+                addr: format!("127.0.0.1:{}", 7000 + nodes.len()),
+                usage,
+                domain: None,
+            })
+            .await
+            .unwrap();
+        nodes.push(registered.node);
+    }
+    let src = f.file("src").await;
+    let dst = f.file("dst").await;
+    let alloc = f
+        .svc
+        .allocate_piece(AllocatePiece {
+            ino: src,
+            chunk: 1,
+            exclude: vec![],
+        })
+        .await
+        .unwrap();
+    let holder = alloc.nodes[0].id;
+    f.svc
+        .commit_write(CommitWrite {
+            ino: src,
+            pieces: vec![WrittenPiece {
+                chunk: 1,
+                piece: alloc.piece,
+                nodes: vec![holder],
+                len: 1000,
+            }],
+            min_size: (1 << 20) + 1000,
+            attrs: Default::default(),
+            id: Default::default(),
+            fence: None,
+        })
+        .await
+        .unwrap();
+    let copy = |src_chunk: u64, len: u64, exclude: Vec<u32>, from: Ino| {
+        f.svc.allocate_copy(AllocateCopy {
+            ino: dst,
+            chunk: 3,
+            src_ino: from,
+            src_chunk,
+            len,
+            exclude,
+        })
+    };
+    let copied = copy(1, 5000, vec![], src).await.unwrap();
+    assert_eq!(copied.chunk, 3);
+    assert_ne!(copied.piece, alloc.piece);
+    assert_eq!(copied.nodes.iter().map(|n| n.id).collect::<Vec<_>>(), vec![holder]);
+    let base = copied.base.unwrap();
+    assert_eq!((base.piece, base.len), (alloc.piece, 1000), "no longer than the source");
+    assert_eq!(copy(1, 10, vec![], src).await.unwrap().base.unwrap().len, 10);
+    // The only holder excluded: nobody else has the bytes.
+    let e = copy(1, 10, vec![holder], src).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::StorageUnavailable, "{e}");
+    let e = copy(0, 10, vec![], src).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "a hole: {e}");
+    let e = copy(1, 10, vec![], ROOT_INO).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "a directory: {e}");
+}

@@ -12,10 +12,10 @@ use bytes::Bytes;
 use dfs_proto::meta::{AttrChanges, MakeNode, Rename, RenameMode, SetAttr, TimeSet};
 use dfs_proto::types::{Attr, FileKind};
 use fuser::{
-    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    TimeOrNow, WriteFlags,
+    BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use futures_util::FutureExt;
 use tokio::runtime::Handle;
@@ -416,6 +416,32 @@ impl Filesystem for DfsFs {
         self.run(
             "write",
             async move { m.write(ino.0, offset, data).await },
+            move |r| match r {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+    }
+
+    /// Copies within the cluster: whole chunks daemon to daemon, the rest through the mount
+    /// (without it the kernel would pull every byte through here and push it back).
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        _fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let m = self.mount.clone();
+        self.run(
+            "copy_file_range",
+            async move { m.copy_range(ino_in.0, offset_in, ino_out.0, offset_out, len).await },
             move |r| match r {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(&e)),

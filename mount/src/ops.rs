@@ -26,6 +26,8 @@ use crate::meta_client::MetaClient;
 use crate::storage_pool::{PieceStream, StoragePool};
 use crate::xattrs::XattrCache;
 
+mod copy;
+
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     /// One metadata request, or one read from a storage daemon.

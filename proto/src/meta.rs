@@ -28,6 +28,7 @@ service! {
         Link => NewEntry,
         ChunkMap => ChunkMapReply,
         AllocatePiece => Allocation,
+        AllocateCopy => Allocation,
         CommitWrite => Attr,
         Deallocate => Attr,
         StatFs => FsStats,
@@ -328,6 +329,21 @@ pub struct ChunkMapReply {
 pub struct AllocatePiece {
     pub ino: Ino,
     pub chunk: u64,
+    /// Daemons the client failed to reach; they are not chosen again.
+    pub exclude: Vec<NodeId>,
+}
+
+/// Asks for a new piece for chunk `chunk` of `ino` that starts as a copy of the first `len`
+/// bytes of chunk `src_chunk` of `src_ino` (`copy_file_range` of whole chunks): the daemons
+/// holding the source make it from their own copies, so the bytes never cross the network.
+/// The allocation names the source piece as its base; the client writes no segments.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct AllocateCopy {
+    pub ino: Ino,
+    pub chunk: u64,
+    pub src_ino: Ino,
+    pub src_chunk: u64,
+    pub len: u64,
     /// Daemons the client failed to reach; they are not chosen again.
     pub exclude: Vec<NodeId>,
 }

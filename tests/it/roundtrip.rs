@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use dfs_tests::{Cluster, cmp, data, run, sh, write_both};
+use dfs_tests::{Cluster, Options, bin, cmp, data, run, sh, write_both};
 
 #[test]
 fn files_of_every_size_round_trip_with_cp() {
@@ -162,4 +162,159 @@ fn random_writes_over_many_chunks_revisit_chunks_safely() {
     cmp(&local.path().join("model"), &mnt.join("scattered"));
     let other = cluster.mount();
     cmp(&local.path().join("model"), &other.join("scattered"));
+}
+
+/// `copy_file_range` inside the mount (what `cp` does there) gives the same bytes and counts
+/// as on a local file system, for aligned whole chunks (copied daemon to daemon), unaligned
+/// heads and tails, ranges whose offsets differ within a chunk, copies into the middle of
+/// existing data, holes, and the end of the source; copies and sources stay independent
+/// afterwards. A whole-file `cp` makes the daemons serve (almost) no reads: its bytes do not
+/// pass through the mount.
+#[test]
+fn copy_file_range_copies_chunks_daemon_to_daemon() {
+    use std::os::fd::AsRawFd;
+    use std::sync::OnceLock;
+    static METRICS_PORTS: OnceLock<Vec<u16>> = OnceLock::new();
+    METRICS_PORTS.get_or_init(|| {
+        let listeners: Vec<std::net::TcpListener> = (0..2)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    });
+    const MB: u64 = 1 << 20;
+    let mut cluster = Cluster::with(Options {
+        storage_daemons: 2,
+        tweak: |c| {
+            c.metaserver.as_mut().unwrap().chunk_size = MB;
+            for (s, port) in c.storaged.iter_mut().zip(METRICS_PORTS.get().unwrap()) {
+                s.metrics_listen = Some(format!("127.0.0.1:{port}"));
+            }
+        },
+        ..Options::default()
+    });
+    let daemon_reads = || -> u64 {
+        METRICS_PORTS
+            .get()
+            .unwrap()
+            .iter()
+            .map(|port| {
+                let out = run(Command::new(bin("dfs"))
+                    .args(["metrics", "--raw"])
+                    .arg(format!("http://127.0.0.1:{port}/metrics")));
+                let text = String::from_utf8(out.stdout).unwrap();
+                text.lines()
+                    .filter(|l| l.starts_with("dfs_storaged_read_bytes"))
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+                    .sum::<f64>() as u64
+            })
+            .sum()
+    };
+    let mnt = cluster.mount();
+    let local = tempfile::tempdir().unwrap();
+    let (dfs, model) = (mnt.as_path(), local.path());
+    let size = 5 * MB + 12_345;
+    data::write_file(&model.join("src"), size, 7);
+    run(Command::new("cp").arg(model.join("src")).arg(dfs.join("src")));
+    for (name, len, seed) in [("over", 4 * MB, 8), ("middle", 4 * MB, 9)] {
+        data::write_file(&model.join(name), len, seed);
+        run(Command::new("cp").arg(model.join(name)).arg(dfs.join(name)));
+    }
+    // A sparse source: a hole, 100 bytes, a hole to the end.
+    for root in [dfs, model] {
+        let f = std::fs::File::create(root.join("sparse")).unwrap();
+        f.set_len(3 * MB).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[5u8; 100], 2 * MB + MB / 2).unwrap();
+    }
+
+    // A whole-file cp: through copy_file_range, the bytes stay on the daemons.
+    let before = daemon_reads();
+    run(Command::new("cp").arg(dfs.join("src")).arg(dfs.join("copy")));
+    let served = daemon_reads() - before;
+    eprintln!("cp of {size} bytes within the mount: the daemons served {served} bytes to it");
+    std::fs::copy(model.join("src"), model.join("copy")).unwrap();
+    assert!(
+        served < size / 4,
+        "cp of a {size}-byte file made the daemons serve {served} bytes to the mount"
+    );
+
+    // The same copy_file_range calls on dfs and on a local directory: same counts, same bytes.
+    let copy_all = |root: &std::path::Path, from: &str, off_in: u64, to: &str, off_out: u64, len: u64| -> u64 {
+        let src = std::fs::File::open(root.join(from)).unwrap();
+        let dst = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(root.join(to))
+            .unwrap();
+        let (mut off_in, mut off_out) = (off_in as i64, off_out as i64);
+        let mut total = 0u64;
+        while total < len {
+            // SAFETY: valid descriptors and offsets owned by this frame.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut off_in,
+                    dst.as_raw_fd(),
+                    &mut off_out,
+                    (len - total) as usize,
+                    0,
+                )
+            };
+            assert!(
+                n >= 0,
+                "copy_file_range in {}: {}",
+                root.display(),
+                std::io::Error::last_os_error()
+            );
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        dfs_tests::close(dst).unwrap();
+        total
+    };
+    let cases: [(&str, u64, &str, u64, u64); 7] = [
+        // Same offset within a chunk: an unaligned head, a whole chunk past the end, a tail.
+        ("src", MB + 100, "over", 3 * MB + 100, 2 * MB + 5),
+        // Into existing data: a whole chunk, then 10 bytes with data after them.
+        ("src", 0, "middle", MB, MB + 10),
+        // Offsets that differ within a chunk: all through the mount.
+        ("src", 10, "shifted", 0, 3 * MB),
+        // Holes read as zeros in the copy.
+        ("sparse", 0, "sparse_copy", 0, 3 * MB),
+        // Past the end of the source: nothing to copy; asked for more than there is: the rest.
+        ("src", size, "none", 0, MB),
+        ("src", 4 * MB, "tail", 0, 10 * MB),
+        // Within one file.
+        ("copy", 0, "copy", 6 * MB, 2 * MB),
+    ];
+    for (from, off_in, to, off_out, len) in cases {
+        let got = copy_all(dfs, from, off_in, to, off_out, len);
+        let want = copy_all(model, from, off_in, to, off_out, len);
+        assert_eq!(got, want, "copy {from}@{off_in} -> {to}@{off_out} len {len}");
+        cmp(&model.join(to), &dfs.join(to));
+    }
+    // Copies are independent of their sources: writing one leaves the other as it was.
+    for root in [dfs, model] {
+        let f = std::fs::OpenOptions::new().write(true).open(root.join("copy")).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"changed copy", MB + 3).unwrap();
+        dfs_tests::close(f).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(root.join("src")).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"changed source", 2 * MB).unwrap();
+        dfs_tests::close(f).unwrap();
+    }
+    let other = cluster.mount();
+    for name in [
+        "src",
+        "copy",
+        "over",
+        "middle",
+        "shifted",
+        "sparse_copy",
+        "none",
+        "tail",
+    ] {
+        cmp(&model.join(name), &other.join(name));
+    }
 }

@@ -1,0 +1,223 @@
+//! `copy_file_range`: whole chunks are copied by the storage daemons holding the source, each
+//! from its own copy to its own disk (`AllocateCopy`: a new piece whose base is the source's
+//! piece), so their bytes never pass through this mount. What cannot be copied that way (the
+//! unaligned head and tail of a range, a range whose source and destination offsets differ
+//! within a chunk, holes, a copy that fails) is read and written through the mount.
+//!
+//! A copy is a write: its pieces join the destination's uncommitted writes and are committed
+//! at the next close or fsync (or sooner), with the same durability and error reporting.
+
+use super::*;
+use dfs_proto::types::PieceId;
+
+/// The most one call copies (the reply counts bytes in a u32); callers loop for the rest.
+const MAX_COPY: u64 = 1 << 30;
+/// The most one call copies through the mount, so a call stays well inside its deadline.
+const MAX_COPY_THROUGH: u64 = 64 << 20;
+/// Read and write size of a copy through the mount.
+const THROUGH_STEP: u64 = 1 << 20;
+
+impl Mount {
+    /// Copies up to `len` bytes from `ino_in` at `off_in` to `ino_out` at `off_out`; returns
+    /// how many were copied (0 at or past the source's end).
+    pub async fn copy_range(&self, ino_in: Ino, off_in: u64, ino_out: Ino, off_out: u64, len: u64) -> FsResult<u32> {
+        if len == 0 {
+            return Ok(0);
+        }
+        if ino_in == ino_out && off_in < off_out.saturating_add(len) && off_out < off_in.saturating_add(len) {
+            return Err(FsError::new(
+                libc::EINVAL,
+                format!("inode {ino_in}: copy_file_range of overlapping ranges"),
+            ));
+        }
+        let cs = self.chunk_size;
+        let src = self.state_or_new(ino_in);
+        if src.is_dirty() {
+            // The copy is of what this mount wrote too.
+            self.flush_inode(&src).await?;
+        }
+        let (src_size, _) = self
+            .locate(&src, off_in / cs, off_in / cs, off_in.saturating_add(len))
+            .await?;
+        if off_in >= src_size {
+            return Ok(0);
+        }
+        let aligned = off_in % cs == off_out % cs;
+        let limit = if aligned {
+            MAX_COPY.max(cs) / cs * cs
+        } else {
+            MAX_COPY_THROUGH
+        };
+        let len = len.min(src_size - off_in).min(limit);
+        let last = (off_in + len - 1) / cs;
+        let (_, src_chunks) = self.locate(&src, off_in / cs, last, off_in + len).await?;
+        let first_src_chunk = off_in / cs;
+
+        let mut pos = 0u64;
+        while pos < len {
+            let at_in = off_in + pos;
+            let at_out = off_out + pos;
+            let n = (len - pos).min(cs - at_out % cs);
+            let source = src_chunks[(at_in / cs - first_src_chunk) as usize].as_ref();
+            let whole_chunk = aligned && at_in.is_multiple_of(cs);
+            let copied = match source.filter(|s| whole_chunk && s.len > 0) {
+                Some(source) => self.copy_chunk(ino_in, source, ino_out, at_out, n).await?,
+                None => false,
+            };
+            if !copied {
+                let through = self.copy_through(ino_in, at_in, ino_out, at_out, n).await?;
+                if through < n {
+                    // The source ended early (truncated meanwhile): a short copy.
+                    return Ok((pos + through) as u32);
+                }
+            }
+            pos += n;
+        }
+        Ok(len as u32)
+    }
+
+    /// Replaces the chunk of `ino_out` starting at `at_out` by the first `n` bytes of the
+    /// source chunk, copied daemon-side. False (nothing changed) where that does not apply:
+    /// the destination holds bytes past the copy in that chunk, or no daemon could copy.
+    async fn copy_chunk(
+        &self,
+        ino_in: Ino,
+        source: &ChunkLocation,
+        ino_out: Ino,
+        at_out: u64,
+        n: u64,
+    ) -> FsResult<bool> {
+        let cs = self.chunk_size;
+        let chunk = at_out / cs;
+        let dst = self.state_or_new(ino_out);
+        let mut w = dst.writer.lock().await;
+        if let Some(e) = w.error.take() {
+            self.fail_writes(&dst, &mut w, &e);
+        }
+        if w.open.contains_key(&chunk) || w.has_pending(chunk) {
+            // This mount's own writes to that chunk come first.
+            self.commit(&dst, &mut w, "copy over pending writes").await?;
+        }
+        if n < cs {
+            // The new piece replaces the whole chunk: only right if nothing follows the copy.
+            let visible = dst.visible_size(self.locate(&dst, chunk, chunk, 0).await?.0);
+            if visible > at_out + n {
+                return Ok(false);
+            }
+        }
+        if w.fence.is_none() {
+            w.fence = self.meta.fence(ino_out);
+        }
+        let Some(piece) = self.copy_piece(ino_in, source, ino_out, chunk, n).await else {
+            return Ok(false);
+        };
+        if chunk == 0 {
+            // The piece set aside at create is for an empty chunk 0; this one is not.
+            w.first_piece = None;
+        }
+        w.done.push(piece);
+        dst.written();
+        w.last_write = std::time::Instant::now();
+        w.dirty = true;
+        w.end = w.end.max(at_out + n);
+        dst.mark_dirty(at_out + n);
+        if w.done.len() >= COMMIT_EVERY {
+            self.commit(&dst, &mut w, "long copy").await?;
+        }
+        Ok(true)
+    }
+
+    /// Has the daemons holding `source` make a new piece for `chunk` of `ino_out` from its first
+    /// `len` bytes, and waits for it to be durable. None if none of them could.
+    async fn copy_piece(
+        &self,
+        ino_in: Ino,
+        source: &ChunkLocation,
+        ino_out: Ino,
+        chunk: u64,
+        len: u64,
+    ) -> Option<WrittenPiece> {
+        let mut exclude = Vec::new();
+        for _attempt in 0..2 {
+            let request = AllocateCopy {
+                ino: ino_out,
+                chunk,
+                src_ino: ino_in,
+                src_chunk: source.chunk,
+                len,
+                exclude: exclude.clone(),
+            };
+            let alloc = match self.meta.call(request).await {
+                Ok(alloc) => alloc,
+                Err(e) => {
+                    tracing::debug!("inode {ino_out}: chunk {chunk} not copied by the daemons: {e}");
+                    return None;
+                }
+            };
+            let (streams, errors) = self.start_copies(&alloc).await;
+            if streams.is_empty() {
+                for e in &errors {
+                    tracing::debug!("inode {ino_out}: chunk {chunk}: copy of piece {}: {e}", source.piece);
+                }
+                exclude.extend(alloc.nodes.iter().map(|n| n.id));
+                continue;
+            }
+            return self.finish_copy(ino_out, streams, alloc.piece, chunk).await;
+        }
+        None
+    }
+
+    /// Ends the streams of a copied piece (no segments: the daemons copy the base) and waits
+    /// for it to be durable.
+    async fn finish_copy(
+        &self,
+        ino: Ino,
+        streams: Vec<(NodeAddr, PieceStream)>,
+        piece: PieceId,
+        chunk: u64,
+    ) -> Option<WrittenPiece> {
+        let (tx, rx) = mpsc::channel(1);
+        drop(tx);
+        match stream_copies(streams, rx, self.timeouts.data, piece, self.storage.clone()).await {
+            Ok(stored) => Some(WrittenPiece {
+                chunk,
+                piece,
+                nodes: stored.nodes,
+                len: stored.len,
+            }),
+            Err(e) => {
+                tracing::warn!("inode {ino}: chunk {chunk}: daemon-side copy failed, copying through the mount: {e}");
+                None
+            }
+        }
+    }
+
+    /// Copies `n` bytes by reading and writing them; returns how many there were to copy.
+    async fn copy_through(&self, ino_in: Ino, at_in: u64, ino_out: Ino, at_out: u64, n: u64) -> FsResult<u64> {
+        let mut done = 0u64;
+        while done < n {
+            let step = (n - done).min(THROUGH_STEP);
+            let data = self.read(ino_in, at_in + done, step as u32).await?;
+            if data.is_empty() {
+                break;
+            }
+            let got = data.len() as u64;
+            let mut written = 0u64;
+            let data = Bytes::from(data);
+            while written < got {
+                let w = self
+                    .write(ino_out, at_out + done + written, data.slice(written as usize..))
+                    .await?;
+                if w == 0 {
+                    return Err(FsError::io(format!("inode {ino_out}: a write took nothing")));
+                }
+                written += w as u64;
+            }
+            done += got;
+            if got < step {
+                break;
+            }
+        }
+        Ok(done)
+    }
+}
