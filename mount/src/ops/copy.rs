@@ -9,6 +9,7 @@
 
 use super::*;
 use dfs_proto::types::PieceId;
+use futures_util::StreamExt;
 
 /// The most one call copies (the reply counts bytes in a u32); callers loop for the rest.
 const MAX_COPY: u64 = 1 << 30;
@@ -16,6 +17,17 @@ const MAX_COPY: u64 = 1 << 30;
 const MAX_COPY_THROUGH: u64 = 64 << 20;
 /// Read and write size of a copy through the mount.
 const THROUGH_STEP: u64 = 1 << 20;
+/// Chunks the daemons copy at once (their fsyncs overlap).
+const PARALLEL_COPIES: usize = 4;
+/// Chunks handled under one hold of the destination's writer.
+const MAX_RUN: usize = 16;
+
+/// One destination chunk to be made from the first `n` bytes of `source`.
+struct ChunkCopy {
+    source: ChunkLocation,
+    at_out: u64,
+    n: u64,
+}
 
 impl Mount {
     /// Copies up to `len` bytes from `ino_in` at `off_in` to `ino_out` at `off_out`; returns
@@ -55,76 +67,106 @@ impl Mount {
 
         let mut pos = 0u64;
         while pos < len {
-            let at_in = off_in + pos;
-            let at_out = off_out + pos;
-            let n = (len - pos).min(cs - at_out % cs);
-            let source = src_chunks[(at_in / cs - first_src_chunk) as usize].as_ref();
-            let whole_chunk = aligned && at_in.is_multiple_of(cs);
-            let copied = match source.filter(|s| whole_chunk && s.len > 0) {
-                Some(source) => self.copy_chunk(ino_in, source, ino_out, at_out, n).await?,
-                None => false,
-            };
-            if !copied {
-                let through = self.copy_through(ino_in, at_in, ino_out, at_out, n).await?;
-                if through < n {
-                    // The source ended early (truncated meanwhile): a short copy.
-                    return Ok((pos + through) as u32);
+            // A run of whole chunks the daemons can copy, or else one piece through the mount.
+            let mut run = Vec::new();
+            let mut run_end = pos;
+            while run_end < len && run.len() < MAX_RUN {
+                let (at_in, at_out) = (off_in + run_end, off_out + run_end);
+                let n = (len - run_end).min(cs - at_out % cs);
+                let source = src_chunks[(at_in / cs - first_src_chunk) as usize].as_ref();
+                match source.filter(|s| aligned && at_in.is_multiple_of(cs) && s.len > 0) {
+                    Some(source) => run.push(ChunkCopy {
+                        source: source.clone(),
+                        at_out,
+                        n,
+                    }),
+                    None => break,
+                }
+                run_end += n;
+            }
+            let mut through = Vec::new();
+            if run.is_empty() {
+                let n = (len - pos).min(cs - (off_out + pos) % cs);
+                through.push((off_in + pos, off_out + pos, n));
+                run_end = pos + n;
+            } else {
+                for failed in self.copy_chunks(ino_in, ino_out, run).await? {
+                    through.push((failed.source.chunk * cs, failed.at_out, failed.n));
                 }
             }
-            pos += n;
+            for (at_in, at_out, n) in through {
+                let copied = self.copy_through(ino_in, at_in, ino_out, at_out, n).await?;
+                if copied < n {
+                    // The source ended early (truncated meanwhile): a short copy.
+                    return Ok((at_out - off_out + copied) as u32);
+                }
+            }
+            pos = run_end;
         }
         Ok(len as u32)
     }
 
-    /// Replaces the chunk of `ino_out` starting at `at_out` by the first `n` bytes of the
-    /// source chunk, copied daemon-side. False (nothing changed) where that does not apply:
-    /// the destination holds bytes past the copy in that chunk, or no daemon could copy.
-    async fn copy_chunk(
-        &self,
-        ino_in: Ino,
-        source: &ChunkLocation,
-        ino_out: Ino,
-        at_out: u64,
-        n: u64,
-    ) -> FsResult<bool> {
+    /// Replaces each chunk of `ino_out` in `run` by the first `n` bytes of its source chunk,
+    /// copied by the daemons (several chunks at once). Returns the copies that were not made
+    /// that way, for the caller to copy through the mount: a chunk whose data continues past
+    /// the copy, or one no daemon could copy.
+    async fn copy_chunks(&self, ino_in: Ino, ino_out: Ino, run: Vec<ChunkCopy>) -> FsResult<Vec<ChunkCopy>> {
         let cs = self.chunk_size;
-        let chunk = at_out / cs;
         let dst = self.state_or_new(ino_out);
         let mut w = dst.writer.lock().await;
         if let Some(e) = w.error.take() {
             self.fail_writes(&dst, &mut w, &e);
         }
-        if w.open.contains_key(&chunk) || w.has_pending(chunk) {
-            // This mount's own writes to that chunk come first.
+        if run.iter().any(|c| {
+            let chunk = c.at_out / cs;
+            w.open.contains_key(&chunk) || w.has_pending(chunk)
+        }) {
+            // This mount's own writes to those chunks come first.
             self.commit(&dst, &mut w, "copy over pending writes").await?;
         }
-        if n < cs {
-            // The new piece replaces the whole chunk: only right if nothing follows the copy.
+        let mut skipped = Vec::new();
+        let mut run = run;
+        if let Some(last) = run.last()
+            && last.n < cs
+        {
+            // A new piece replaces the whole chunk: only right if nothing follows the copy.
+            let chunk = last.at_out / cs;
             let visible = dst.visible_size(self.locate(&dst, chunk, chunk, 0).await?.0);
-            if visible > at_out + n {
-                return Ok(false);
+            if visible > last.at_out + last.n {
+                skipped.extend(run.pop());
             }
         }
         if w.fence.is_none() {
             w.fence = self.meta.fence(ino_out);
         }
-        let Some(piece) = self.copy_piece(ino_in, source, ino_out, chunk, n).await else {
-            return Ok(false);
-        };
-        if chunk == 0 {
-            // The piece set aside at create is for an empty chunk 0; this one is not.
-            w.first_piece = None;
+        let copies = futures_util::stream::iter(run.into_iter().map(|c| async move {
+            let piece = self.copy_piece(ino_in, &c.source, ino_out, c.at_out / cs, c.n).await;
+            (c, piece)
+        }))
+        .buffered(PARALLEL_COPIES)
+        .collect::<Vec<_>>()
+        .await;
+        for (c, piece) in copies {
+            let Some(piece) = piece else {
+                skipped.push(c);
+                continue;
+            };
+            if piece.chunk == 0 {
+                // The piece set aside at create is for an empty chunk 0; this one is not.
+                w.first_piece = None;
+            }
+            w.done.push(piece);
+            dst.written();
+            w.last_write = std::time::Instant::now();
+            w.dirty = true;
+            w.end = w.end.max(c.at_out + c.n);
+            dst.mark_dirty(c.at_out + c.n);
         }
-        w.done.push(piece);
-        dst.written();
-        w.last_write = std::time::Instant::now();
-        w.dirty = true;
-        w.end = w.end.max(at_out + n);
-        dst.mark_dirty(at_out + n);
         if w.done.len() >= COMMIT_EVERY {
             self.commit(&dst, &mut w, "long copy").await?;
         }
-        Ok(true)
+        skipped.sort_by_key(|c| c.at_out);
+        Ok(skipped)
     }
 
     /// Has the daemons holding `source` make a new piece for `chunk` of `ino_out` from its first
