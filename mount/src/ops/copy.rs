@@ -11,6 +11,8 @@ use super::*;
 use dfs_proto::types::PieceId;
 use futures_util::StreamExt;
 
+use super::write::stream_copies;
+
 /// The most one call copies (the reply counts bytes in a u32); callers loop for the rest.
 const MAX_COPY: u64 = 1 << 30;
 /// The most one call copies through the mount, so a call stays well inside its deadline.
