@@ -150,11 +150,16 @@ fn serve(
     ready: &mut Ready,
 ) -> anyhow::Result<()> {
     let client = config.client()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("dfs-mount")
-        .enable_all()
-        .build()?;
+    // With one thread, the main thread runs every task: it does so from its last `block_on`
+    // below, entered right after mounting. FUSE requests arriving before then wait for it.
+    let runtime = match client.worker_threads {
+        0 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .thread_name("dfs-mount")
+            .enable_all()
+            .build()?,
+    };
     // Caught before mounting, so a stop request can never leave a dead mount behind.
     let mut signals = {
         let _rt = runtime.enter();
