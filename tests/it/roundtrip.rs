@@ -274,15 +274,16 @@ fn copy_file_range_copies_chunks_daemon_to_daemon() {
         dfs_tests::close(dst).unwrap();
         total
     };
-    let cases: [(&str, u64, &str, u64, u64); 7] = [
+    let cases: [(&str, u64, &str, u64, u64); 8] = [
         // Same offset within a chunk: an unaligned head, a whole chunk past the end, a tail.
         ("src", MB + 100, "over", 3 * MB + 100, 2 * MB + 5),
         // Into existing data: a whole chunk, then 10 bytes with data after them.
         ("src", 0, "middle", MB, MB + 10),
         // Offsets that differ within a chunk: all through the mount.
         ("src", 10, "shifted", 0, 3 * MB),
-        // Holes read as zeros in the copy.
+        // Holes read as zeros in the copy, and over existing data.
         ("sparse", 0, "sparse_copy", 0, 3 * MB),
+        ("sparse", MB / 2, "over", MB / 2, 2 * MB),
         // Past the end of the source: nothing to copy; asked for more than there is: the rest.
         ("src", size, "none", 0, MB),
         ("src", 4 * MB, "tail", 0, 10 * MB),

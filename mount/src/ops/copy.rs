@@ -24,6 +24,14 @@ const PARALLEL_COPIES: usize = 4;
 /// Chunks handled under one hold of the destination's writer.
 const MAX_RUN: usize = 16;
 
+/// How one step of a copy ended.
+enum Step {
+    /// Copied up to this position of the range; go on.
+    Next(u64),
+    /// Copied this much of the range in all; stop there.
+    Short(u64),
+}
+
 /// One destination chunk to be made from the first `n` bytes of `source`.
 struct ChunkCopy {
     source: ChunkLocation,
@@ -68,44 +76,95 @@ impl Mount {
         let first_src_chunk = off_in / cs;
 
         let mut pos = 0u64;
+        let mut through_bytes = 0u64;
         while pos < len {
-            // A run of whole chunks the daemons can copy, or else one piece through the mount.
-            let mut run = Vec::new();
-            let mut run_end = pos;
-            while run_end < len && run.len() < MAX_RUN {
-                let (at_in, at_out) = (off_in + run_end, off_out + run_end);
-                let n = (len - run_end).min(cs - at_out % cs);
-                let source = src_chunks[(at_in / cs - first_src_chunk) as usize].as_ref();
-                match source.filter(|s| aligned && at_in.is_multiple_of(cs) && s.len > 0) {
-                    Some(source) => run.push(ChunkCopy {
-                        source: source.clone(),
-                        at_out,
-                        n,
-                    }),
-                    None => break,
+            let step = async {
+                // A run of whole chunks the daemons can copy, or else one piece of a chunk.
+                let mut run = Vec::new();
+                let mut run_end = pos;
+                while run_end < len && run.len() < MAX_RUN {
+                    let (at_in, at_out) = (off_in + run_end, off_out + run_end);
+                    let n = (len - run_end).min(cs - at_out % cs);
+                    let source = src_chunks[(at_in / cs - first_src_chunk) as usize].as_ref();
+                    match source.filter(|s| aligned && at_in.is_multiple_of(cs) && s.len > 0) {
+                        Some(source) => run.push(ChunkCopy {
+                            source: source.clone(),
+                            at_out,
+                            n,
+                        }),
+                        None => break,
+                    }
+                    run_end += n;
                 }
-                run_end += n;
-            }
-            let mut through = Vec::new();
-            if run.is_empty() {
-                let n = (len - pos).min(cs - (off_out + pos) % cs);
-                through.push((off_in + pos, off_out + pos, n));
-                run_end = pos + n;
-            } else {
-                for failed in self.copy_chunks(ino_in, ino_out, run).await? {
-                    through.push((failed.source.chunk * cs, failed.at_out, failed.n));
+                let mut through = Vec::new();
+                if run.is_empty() {
+                    let (at_in, at_out) = (off_in + pos, off_out + pos);
+                    let n = (len - pos).min(cs - at_out % cs);
+                    let source_is_hole = (at_in / cs..=(at_in + n - 1) / cs)
+                        .all(|c| src_chunks[(c - first_src_chunk) as usize].is_none());
+                    if !(source_is_hole && self.copy_hole(ino_out, at_out, n).await?) {
+                        if through_bytes > 0 && through_bytes + n > MAX_COPY_THROUGH {
+                            // Enough through the mount for one call: the caller asks again.
+                            return Ok(Step::Short(pos));
+                        }
+                        through_bytes += n;
+                        through.push((at_in, at_out, n));
+                    }
+                    run_end = pos + n;
+                } else {
+                    for failed in self.copy_chunks(ino_in, ino_out, run).await? {
+                        through.push((failed.source.chunk * cs, failed.at_out, failed.n));
+                    }
                 }
-            }
-            for (at_in, at_out, n) in through {
-                let copied = self.copy_through(ino_in, at_in, ino_out, at_out, n).await?;
-                if copied < n {
-                    // The source ended early (truncated meanwhile): a short copy.
-                    return Ok((at_out - off_out + copied) as u32);
+                for (at_in, at_out, n) in through {
+                    let copied = self.copy_through(ino_in, at_in, ino_out, at_out, n).await?;
+                    if copied < n {
+                        // The source ended early (truncated meanwhile): a short copy.
+                        return Ok(Step::Short(at_out - off_out + copied));
+                    }
                 }
+                Ok(Step::Next(run_end))
+            };
+            match step.await {
+                Ok(Step::Next(next)) => pos = next,
+                Ok(Step::Short(copied)) => return Ok(copied as u32),
+                // What was copied stands (a short copy); a failure that lost it is reported
+                // at the destination's next fsync or close, as for writes.
+                Err(e) if pos > 0 => {
+                    tracing::debug!("inode {ino_out}: copy cut short after {pos} bytes: {e}");
+                    return Ok(pos as u32);
+                }
+                Err(e) => return Err(e),
             }
-            pos = run_end;
         }
         Ok(len as u32)
+    }
+
+    /// A copy from a hole onto bytes that read as zeros already (a hole, or past the end of
+    /// the destination) only has to extend the destination. False where that does not apply.
+    async fn copy_hole(&self, ino_out: Ino, at_out: u64, n: u64) -> FsResult<bool> {
+        let cs = self.chunk_size;
+        let chunk = at_out / cs;
+        let dst = self.state_or_new(ino_out);
+        let mut w = dst.writer.lock().await;
+        if w.open.contains_key(&chunk) || w.has_pending(chunk) {
+            return Ok(false);
+        }
+        let (size, locations) = self.locate(&dst, chunk, chunk, 0).await?;
+        let zeros = match &locations[0] {
+            _ if at_out >= dst.visible_size(size) => true,
+            None => true,
+            Some(loc) => loc.len <= at_out % cs,
+        };
+        if !zeros {
+            return Ok(false);
+        }
+        dst.written();
+        w.last_write = std::time::Instant::now();
+        w.dirty = true;
+        w.end = w.end.max(at_out + n);
+        dst.mark_dirty(at_out + n);
+        Ok(true)
     }
 
     /// Replaces each chunk of `ino_out` in `run` by the first `n` bytes of its source chunk,
@@ -165,7 +224,7 @@ impl Mount {
             dst.mark_dirty(c.at_out + c.n);
         }
         if w.done.len() >= COMMIT_EVERY {
-            self.commit(&dst, &mut w, "long copy").await?;
+            self.commit_some(&dst, &mut w).await;
         }
         skipped.sort_by_key(|c| c.at_out);
         Ok(skipped)

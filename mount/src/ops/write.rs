@@ -46,24 +46,30 @@ impl Mount {
             state.mark_dirty(at + n as u64);
         }
         if w.done.len() >= COMMIT_EVERY {
-            // Long writes commit as they go, so the metaserver's view and memory stay bounded.
-            let request = CommitWrite {
-                ino,
-                pieces: w.done.clone(),
-                min_size: 0,
-                attrs: Default::default(),
-                id: CommitId::default(),
-                fence: self.meta.fence_for_commit(w.fence),
-            };
-            match self.meta.commit(request).await {
-                Ok(_) => {
-                    w.done.clear();
-                    state.cache.lock().await.invalidate();
-                }
-                Err(e) => tracing::debug!("inode {ino}: intermediate commit deferred: {e}"),
-            }
+            self.commit_some(&state, &mut w).await;
         }
         Ok(len as u32)
+    }
+
+    /// Long writes commit as they go, so the metaserver's view and memory stay bounded. A
+    /// failure only defers it (to the next one, or the close).
+    pub(super) async fn commit_some(&self, state: &InodeState, w: &mut Writer) {
+        let ino = state.ino;
+        let request = CommitWrite {
+            ino,
+            pieces: w.done.clone(),
+            min_size: 0,
+            attrs: Default::default(),
+            id: CommitId::default(),
+            fence: self.meta.fence_for_commit(w.fence),
+        };
+        match self.meta.commit(request).await {
+            Ok(_) => {
+                w.done.clear();
+                state.cache.lock().await.invalidate();
+            }
+            Err(e) => tracing::debug!("inode {ino}: intermediate commit deferred: {e}"),
+        }
     }
 
     async fn write_segment(
