@@ -92,6 +92,17 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Data requests (placement, copies) are for regular files only.
+fn regular_file(r: &ReadCtx, ino: Ino) -> Result<()> {
+    if namespace::inode(r, ino)?.kind != FileKind::RegularFile {
+        return Err(MetaError::fs(
+            ErrorKind::InvalidArgument,
+            format!("inode {ino} is not a regular file"),
+        ));
+    }
+    Ok(())
+}
+
 fn stale_session(id: u64) -> MetaError {
     MetaError::fs(
         ErrorKind::Stale,
@@ -664,13 +675,7 @@ impl MetaService {
         let (ino, chunk) = (req.ino, req.chunk);
         let default_replicas = self.settings.replicas;
         let (existing, replicas) = self.read_now(|r| {
-            let rec = namespace::inode(r, ino)?;
-            if rec.kind != FileKind::RegularFile {
-                return Err(MetaError::fs(
-                    ErrorKind::InvalidArgument,
-                    format!("inode {ino} is not a regular file"),
-                ));
-            }
+            regular_file(r, ino)?;
             Ok((
                 namespace::chunk(r, ino, chunk)?,
                 namespace::replicas_of(r, ino, default_replicas)?,
@@ -692,15 +697,8 @@ impl MetaService {
     pub async fn allocate_copy(&self, req: AllocateCopy) -> Result<Allocation> {
         let default_replicas = self.settings.replicas;
         let (source, replicas) = self.read_now(|r| {
-            for ino in [req.src_ino, req.ino] {
-                let rec = namespace::inode(r, ino)?;
-                if rec.kind != FileKind::RegularFile {
-                    return Err(MetaError::fs(
-                        ErrorKind::InvalidArgument,
-                        format!("inode {ino} is not a regular file"),
-                    ));
-                }
-            }
+            regular_file(r, req.src_ino)?;
+            regular_file(r, req.ino)?;
             Ok((
                 namespace::chunk(r, req.src_ino, req.src_chunk)?,
                 namespace::replicas_of(r, req.ino, default_replicas)?,
