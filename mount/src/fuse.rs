@@ -1,6 +1,8 @@
-//! The FUSE adapter. Every callback copies its arguments, spawns the operation on tokio and
-//! replies when it completes, so the request loop never waits on the network. Each operation
-//! also runs under an overall deadline: whatever happens remotely, the kernel gets an answer.
+//! The FUSE adapter. A request the mount can answer from what it holds is answered at once
+//! on the FUSE thread (`ops/local.rs`); every other callback copies its arguments, spawns the
+//! operation on tokio and replies when it completes, so the request loop never waits on the
+//! network. Each operation also runs under an overall deadline: whatever happens remotely,
+//! the kernel gets an answer.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -78,19 +80,32 @@ impl DfsFs {
                 r = &mut op => (r.unwrap_or_else(|_| Err(FsError::io(format!("{what} failed: it panicked")))), false),
                 _ = &mut deadline => (Err(FsError::io(format!("{what} did not complete within {OP_DEADLINE:?}"))), true),
             };
-            if let Err(e) = &result {
-                if e.is_routine() {
-                    tracing::debug!("{what}: {e}");
-                } else {
-                    tracing::warn!("{what} failed: {e}");
-                }
-            }
+            log_failure(what, &result);
             timer.done(result.as_ref().err().map(|e| errno_name(e.errno)));
             done(result);
             if late {
                 let _ = op.await;
             }
         });
+    }
+
+    /// Replies at once, on this thread, with an answer the mount had without waiting
+    /// (`ops/local.rs`), counted like the requests `run` answers.
+    fn answer<T>(&self, what: &'static str, result: FsResult<T>, done: impl FnOnce(FsResult<T>)) {
+        let timer = self.requests.start(what);
+        log_failure(what, &result);
+        timer.done(result.as_ref().err().map(|e| errno_name(e.errno)));
+        done(result);
+    }
+}
+
+fn log_failure<T>(what: &str, result: &FsResult<T>) {
+    if let Err(e) = result {
+        if e.is_routine() {
+            tracing::debug!("{what}: {e}");
+        } else {
+            tracing::warn!("{what} failed: {e}");
+        }
     }
 }
 
@@ -235,10 +250,14 @@ impl Filesystem for DfsFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let (m, ttl) = (self.mount.clone(), self.attr_ttl);
-        self.run("getattr", async move { m.getattr(ino.0).await }, move |r| match r {
+        let done = move |r: FsResult<Attr>| match r {
             Ok(a) => reply.attr(&ttl, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
-        });
+        };
+        match m.getattr_now(ino.0) {
+            Some(attr) => self.answer("getattr", Ok(attr), done),
+            None => self.run("getattr", async move { m.getattr(ino.0).await }, done),
+        }
     }
 
     fn setattr(
@@ -451,6 +470,9 @@ impl Filesystem for DfsFs {
 
     fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         let m = self.mount.clone();
+        if let Some(answer) = m.flush_now(ino.0, fh.0, lock_owner.0) {
+            return self.answer("flush", answer, move |r| empty(r, reply));
+        }
         self.run(
             "flush",
             async move {
@@ -474,6 +496,9 @@ impl Filesystem for DfsFs {
         reply: ReplyEmpty,
     ) {
         let m = self.mount.clone();
+        if let Some(answer) = m.release_now(ino.0, fh.0, lock_owner.map(|o| o.0)) {
+            return self.answer("release", answer, move |r| empty(r, reply));
+        }
         self.run(
             "release",
             async move {
@@ -565,16 +590,20 @@ impl Filesystem for DfsFs {
     fn getxattr(&self, _req: &Request, ino: INodeNo, n: &OsStr, size: u32, reply: ReplyXattr) {
         let m = self.mount.clone();
         let n = name(n);
-        self.run("getxattr", async move { m.getxattr(ino.0, n).await }, move |r| {
-            xattr_reply(r, size, reply)
-        });
+        let done = move |r| xattr_reply(r, size, reply);
+        match m.getxattr_now(ino.0, &n) {
+            Some(answer) => self.answer("getxattr", answer, done),
+            None => self.run("getxattr", async move { m.getxattr(ino.0, n).await }, done),
+        }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let m = self.mount.clone();
-        self.run("listxattr", async move { m.listxattr(ino.0).await }, move |r| {
-            xattr_reply(r, size, reply)
-        });
+        let done = move |r| xattr_reply(r, size, reply);
+        match m.listxattr_now(ino.0) {
+            Some(answer) => self.answer("listxattr", answer, done),
+            None => self.run("listxattr", async move { m.listxattr(ino.0).await }, done),
+        }
     }
 
     fn setxattr(

@@ -101,6 +101,12 @@ impl Default for Writer {
 }
 
 impl Writer {
+    /// Nothing written, nothing in flight, no failure waiting to be reported: a commit would
+    /// have nothing to do.
+    pub fn is_idle(&self) -> bool {
+        !self.dirty && self.open.is_empty() && self.closing.is_empty() && self.done.is_empty() && self.error.is_none()
+    }
+
     /// Moves an open chunk to the closing list (its stream ends once its queue drains).
     pub fn close_chunk(&mut self, chunk: u64) {
         if let Some(oc) = self.open.remove(&chunk) {

@@ -27,6 +27,7 @@ use crate::storage_pool::{PieceStream, StoragePool};
 use crate::xattrs::XattrCache;
 
 mod copy;
+mod local;
 mod read;
 mod write;
 
@@ -416,38 +417,23 @@ impl Mount {
     }
 
     pub async fn getxattr(&self, ino: Ino, name: Vec<u8>) -> FsResult<Vec<u8>> {
-        if name.starts_with(b"system.") {
-            // ACLs and the like need the kernel's interpretation, which dfs does not offer.
-            return Err(FsError::new(
-                libc::EOPNOTSUPP,
-                format!("inode {ino}: attribute {:?} is not supported", show(&name)),
-            ));
+        if let Some(answer) = self.getxattr_now(ino, &name) {
+            return answer;
         }
-        let cached = match self.xattrs.get(ino, &name) {
-            Some(answer) => Some(answer),
-            None if self.known_without_xattrs(ino) => Some(None),
-            None => None,
+        let answer = match self
+            .meta
+            .call(GetXattr {
+                ino,
+                name: name.clone(),
+            })
+            .await
+        {
+            Ok(value) => Some(value),
+            Err(e) if e.remote_kind() == Some(ErrorKind::NoAttribute) => None,
+            Err(e) => return by_ino(Err(e)),
         };
-        let answer = match cached {
-            Some(answer) => answer,
-            None => {
-                let answer = match self
-                    .meta
-                    .call(GetXattr {
-                        ino,
-                        name: name.clone(),
-                    })
-                    .await
-                {
-                    Ok(value) => Some(value),
-                    Err(e) if e.remote_kind() == Some(ErrorKind::NoAttribute) => None,
-                    Err(e) => return by_ino(Err(e)),
-                };
-                self.xattrs.put(ino, &name, answer.clone());
-                answer
-            }
-        };
-        answer.ok_or_else(|| FsError::new(libc::ENODATA, format!("inode {ino}: no attribute {:?}", show(&name))))
+        self.xattrs.put(ino, &name, answer.clone());
+        answer.ok_or_else(|| no_attribute(ino, &name))
     }
 
     /// The names, each followed by a NUL, as listxattr(2) returns them.
@@ -1022,4 +1008,8 @@ fn show(name: &[u8]) -> String {
 
 fn check_name(name: &[u8]) -> FsResult<()> {
     dfs_proto::names::validate_name(name).map_err(FsError::from)
+}
+
+fn no_attribute(ino: Ino, name: &[u8]) -> FsError {
+    FsError::new(libc::ENODATA, format!("inode {ino}: no attribute {:?}", show(name)))
 }
