@@ -87,6 +87,7 @@ async fn handle_stream(svc: Arc<MetaService>, mut send: SendStream, mut recv: Re
     if sent.is_ok() {
         let _ = send.finish();
     }
+    dfs_proto::frame::finish_reading(&mut recv);
     tracing::debug!("{call} from {remote} answered in {:?}", started.elapsed());
 }
 

@@ -179,6 +179,7 @@ impl PieceStream {
             frame::read_frame::<_, Result<PieceWritten, RemoteError>>(&mut self.recv),
         )
         .await;
+        frame::finish_reading(&mut self.recv);
         match reply {
             Ok(Ok(Ok(w))) => Ok(w.len),
             Ok(Ok(Err(e))) => Err(FsError::from(self.peer.remote(e)).with_context(format!("storing piece {piece}"))),

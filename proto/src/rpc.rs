@@ -234,6 +234,7 @@ impl Peer {
             let reply: Result<C::Reply, RemoteError> = frame::read_frame(&mut recv)
                 .await
                 .map_err(|e| self.frame_error(C::NAME, e))?;
+            frame::finish_reading(&mut recv);
             reply.map_err(|e| self.remote(e))
         };
         match tokio::time::timeout_at(deadline, exchange).await {
@@ -370,6 +371,7 @@ impl Peer {
                     Err(e) => return Err(self.transport(NAME, format!("read of piece {piece} cut short: {e}"))),
                 }
             }
+            frame::finish_reading(&mut recv);
             Ok(n as usize)
         }
         .await;
@@ -377,5 +379,82 @@ impl Peer {
             self.forget(&conn).await;
         }
         (result, !fresh)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{Ping, StorageRequest};
+    use crate::tls::{TlsFiles, TlsIdentity};
+
+    fn identity(dir: &std::path::Path, ca: &crate::certs::PemPair, name: &str) -> TlsIdentity {
+        let pair = crate::certs::issue(ca, name, &[]).unwrap();
+        crate::certs::write_pair(dir, name, &pair).unwrap();
+        TlsIdentity::load(&TlsFiles {
+            ca_cert: crate::certs::cert_path(dir, "ca"),
+            cert: crate::certs::cert_path(dir, name),
+            key: crate::certs::key_path(dir, name),
+        })
+        .unwrap()
+    }
+
+    /// A request costs one datagram each way: before `frame::finish_reading`, both ends
+    /// stopped every stream they dropped (a STOP_SENDING frame), which doubled the datagrams
+    /// of every request (one more packet, and the acknowledgement it called for).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_is_one_datagram_each_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::certs::generate_ca("test ca").unwrap();
+        crate::certs::write_pair(dir.path(), "ca", &ca).unwrap();
+        let server_id = identity(dir.path(), &ca, "server");
+        let client_id = identity(dir.path(), &ca, "client");
+        let server = crate::endpoint::server(
+            "127.0.0.1:0".parse().unwrap(),
+            server_id.server_config().unwrap(),
+            None,
+            &server_id.reset_secret(),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(crate::server::accept_streams(
+            server,
+            |mut send, mut recv, remote| async move {
+                if crate::server::next_request::<StorageRequest>(&mut send, &mut recv, remote)
+                    .await
+                    .is_some()
+                {
+                    let _ = crate::server::reply::<Ping>(&mut send, Ok(Default::default())).await;
+                    let _ = send.finish();
+                }
+                crate::frame::finish_reading(&mut recv);
+            },
+        ));
+        let client = crate::endpoint::client(client_id.client_config().unwrap()).unwrap();
+        let peer = Peer::new(client, addr.to_string(), "server", Duration::from_secs(5));
+        peer.call(Ping {}, Duration::from_secs(5)).await.unwrap();
+        let conn = peer.connection().await.unwrap();
+        let before = conn.stats();
+        const CALLS: u64 = 100;
+        for _ in 0..CALLS {
+            peer.call(Ping {}, Duration::from_secs(5)).await.unwrap();
+        }
+        let after = conn.stats();
+        assert_eq!(
+            after.frame_tx.stop_sending, before.frame_tx.stop_sending,
+            "the client stopped streams"
+        );
+        assert_eq!(
+            after.frame_rx.stop_sending, before.frame_rx.stop_sending,
+            "the server stopped streams"
+        );
+        let sent = after.udp_tx.datagrams - before.udp_tx.datagrams;
+        let received = after.udp_rx.datagrams - before.udp_rx.datagrams;
+        // A few acknowledgement-only packets and MTU probes on top of one per request.
+        assert!(sent <= CALLS + CALLS / 5, "{sent} datagrams sent for {CALLS} requests");
+        assert!(
+            received <= CALLS + CALLS / 5,
+            "{received} datagrams received for {CALLS} requests"
+        );
     }
 }

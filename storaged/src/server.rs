@@ -73,6 +73,7 @@ async fn handle_stream(
     if sent.is_ok() {
         let _ = send.finish();
     }
+    dfs_proto::frame::finish_reading(&mut recv);
     tracing::debug!("{call} from {remote} answered in {:?}", started.elapsed());
 }
 
