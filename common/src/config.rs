@@ -211,6 +211,10 @@ pub struct StoragedConfig {
     /// A scrub pass over every stored piece starts this long after the previous one began.
     #[serde(default = "default_scrub_interval_secs")]
     pub scrub_interval_secs: u64,
+    /// New small pieces are made durable by an append to a journal in `data_dir` (two files of
+    /// 8 MiB) rather than by fsyncs of their files and directories. Off: fsyncs only.
+    #[serde(default = "default_true")]
+    pub journal: bool,
     /// Serve Prometheus metrics over HTTP on this address (`host:port`, path `/metrics`). Off
     /// unless set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -225,6 +229,9 @@ fn default_heartbeat_ms() -> u64 {
 }
 fn default_scrub_bytes_per_sec() -> u64 {
     32 << 20
+}
+fn default_true() -> bool {
+    true
 }
 fn default_scrub_interval_secs() -> u64 {
     7 * 24 * 3600
@@ -428,6 +435,7 @@ impl StoragedConfig {
             domain: None,
             scrub_bytes_per_sec: default_scrub_bytes_per_sec(),
             scrub_interval_secs: default_scrub_interval_secs(),
+            journal: true,
             metrics_listen: None,
         }
     }

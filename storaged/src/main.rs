@@ -64,8 +64,8 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         let store = {
             let dir = data_dir.clone();
-            let (fanout, cap) = (me.fanout, me.capacity_bytes);
-            tokio::task::spawn_blocking(move || PieceStore::open(&dir, fanout, cap)).await??
+            let (fanout, cap, journal) = (me.fanout, me.capacity_bytes, me.journal);
+            tokio::task::spawn_blocking(move || PieceStore::open_with_journal(&dir, fanout, cap, journal)).await??
         };
         let store = Arc::new(store);
         let usage = store.usage();

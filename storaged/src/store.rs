@@ -1,8 +1,10 @@
 //! The piece store: durable writes, ranged reads and deletes of pieces under a data directory.
 //!
 //! All functions here block; the server calls them from tokio's blocking pool.
-//! A write is visible (and acknowledged) only once it is durable: data written to a temporary
-//! file, the file fsync'd, linked (or renamed) into place, and the directory fsync'd.
+//! A write is acknowledged only once it is durable: data written to a temporary file, then
+//! either (a new small piece) linked into place and its bytes appended to the fdatasync'd piece
+//! journal (`journal.rs`, checkpointed into the files by `syncfs`), or the file fsync'd,
+//! linked (or renamed) into place, and the directory fsync'd.
 //!
 //! Every piece file carries a CRC32C per 64 KiB block after its data (`piece_format.rs`). Reads
 //! verify the blocks they touch; a mismatch fails the read with [`StoreError::Corrupt`], is
@@ -30,6 +32,7 @@ use dfs_proto::{ErrorKind as WireKind, RemoteError};
 use crate::layout::{LOCK_FILE, Layout, Marker};
 use crate::piece_format::{self, BLOCK_SIZE, Footer, FormatError, Trailer};
 
+pub mod journal;
 mod reader;
 mod writer;
 
@@ -201,6 +204,8 @@ pub struct PieceStore {
     corrupt: Arc<CorruptSet>,
     /// Pieces asked for (or to be checked) and found absent, until membership reports them.
     missing: CorruptSet,
+    /// New small pieces are made durable here (`journal.rs`); stopped before the lock goes.
+    journal: Option<journal::Journal>,
     // Held for the life of the store: a second daemon on the same directory is refused.
     _lock: File,
 }
@@ -209,10 +214,23 @@ impl PieceStore {
     /// Opens (creating if needed) a data directory, removes leftovers of interrupted writes and
     /// counts what is stored.
     pub fn open(root: &Path, fanout: u32, capacity_limit: u64) -> Result<Self, StoreError> {
-        Self::open_with(root, fanout, capacity_limit, true)
+        Self::open_with(root, fanout, capacity_limit, true, Some(journal::DEFAULT_FILE_SIZE))
     }
 
-    fn open_with(root: &Path, fanout: u32, capacity_limit: u64, allow_unnamed: bool) -> Result<Self, StoreError> {
+    /// Like [`open`](Self::open), with the piece journal only if `journal` (the records a
+    /// journal left are replayed either way).
+    pub fn open_with_journal(root: &Path, fanout: u32, capacity_limit: u64, journal: bool) -> Result<Self, StoreError> {
+        let size = journal.then_some(journal::DEFAULT_FILE_SIZE);
+        Self::open_with(root, fanout, capacity_limit, true, size)
+    }
+
+    fn open_with(
+        root: &Path,
+        fanout: u32,
+        capacity_limit: u64,
+        allow_unnamed: bool,
+        journal_size: Option<u64>,
+    ) -> Result<Self, StoreError> {
         fs::create_dir_all(root).map_err(io_err("create", root))?;
         let layout = Layout::new(root, fanout);
         let lock_path = root.join(LOCK_FILE);
@@ -242,7 +260,7 @@ impl PieceStore {
                 false
             }
         };
-        let store = PieceStore {
+        let mut store = PieceStore {
             layout,
             capacity_limit,
             unnamed_temps,
@@ -250,8 +268,27 @@ impl PieceStore {
             counters: Mutex::new(Counters::default()),
             corrupt: Arc::new(CorruptSet::default()),
             missing: CorruptSet::default(),
+            journal: None,
             _lock: lock,
         };
+        store.replay_journal()?;
+        match journal_size {
+            Some(size) => {
+                let started =
+                    journal::Journal::start(root, size).map_err(io_err("start the piece journal in", root))?;
+                store.journal = Some(started);
+            }
+            None => {
+                for name in journal::JOURNAL_FILES {
+                    let path = root.join(name);
+                    match fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == ErrorKind::NotFound => {}
+                        Err(e) => return Err(io_err("remove", &path)(e)),
+                    }
+                }
+            }
+        }
         let mut counters = Counters::default();
         store.walk(&mut |p| {
             counters.pieces += 1;
@@ -263,6 +300,51 @@ impl PieceStore {
 
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// Writes again, from the journal, every journaled piece whose file a crash left missing
+    /// or incomplete, then makes them all durable.
+    fn replay_journal(&self) -> Result<(), StoreError> {
+        let root = self.layout.root();
+        let records = journal::recover(root).map_err(io_err("read the piece journal in", root))?;
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut restored = 0;
+        for record in &records {
+            if self.restore_piece(record.piece, &record.bytes)? {
+                restored += 1;
+            }
+        }
+        let dir = File::open(root).map_err(io_err("open", root))?;
+        journal::syncfs(&dir).map_err(io_err("syncfs", root))?;
+        tracing::info!(
+            "{}: {} pieces in the piece journal, {restored} of them written again from it",
+            root.display(),
+            records.len()
+        );
+        Ok(())
+    }
+
+    /// Puts a journaled piece's file in place unless a complete one is there; returns whether
+    /// it did.
+    fn restore_piece(&self, piece: PieceId, bytes: &[u8]) -> Result<bool, StoreError> {
+        if self.verified_len(piece).is_ok() {
+            return Ok(false);
+        }
+        let final_path = self.layout.piece_path(piece);
+        let tmp = self.layout.temp_path(self.next_temp.fetch_add(1, Ordering::Relaxed));
+        ensure_parent(&tmp, false)?;
+        fs::write(&tmp, bytes).map_err(io_err("write", &tmp))?;
+        ensure_parent(&final_path, false)?;
+        fs::rename(&tmp, &final_path).map_err(io_err("put into place", &final_path))?;
+        if let Err(e) = self.verified_len(piece) {
+            // The record passed its checksum, so this is no crash's doing: keep nothing wrong.
+            tracing::error!("piece {piece}: its journal record is not a valid piece ({e}); dropped");
+            let _ = fs::remove_file(&final_path);
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     pub fn usage(&self) -> NodeUsage {

@@ -72,8 +72,8 @@ fn uncommitted_write_leaves_nothing() {
         .collect();
     assert_eq!(
         names.len(),
-        4,
-        "only pieces/, tmp/, the lock file and the layout marker: {names:?}"
+        6,
+        "only pieces/, tmp/, the lock file, the layout marker and the journal's two files: {names:?}"
     );
 }
 
@@ -103,7 +103,7 @@ fn thousands_of_pieces_keep_directories_small_and_are_counted_again_on_reopen() 
 #[test]
 fn named_temporary_files_work_where_o_tmpfile_does_not() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(PieceStore::open_with(dir.path(), 36, 0, false).unwrap());
+    let store = Arc::new(PieceStore::open_with(dir.path(), 36, 0, false, Some(journal::DEFAULT_FILE_SIZE)).unwrap());
     assert!(!store.unnamed_temps);
     let mut w = store.begin_write(5, None).unwrap();
     w.write_at(0, b"named").unwrap();
@@ -450,4 +450,146 @@ fn writes_survive_concurrent_pruning_of_their_directories() {
     for t in threads {
         assert!(t.join().unwrap() > 0);
     }
+}
+
+/// The journal files as a crash would leave them: copied while the store runs (a clean stop
+/// checkpoints them).
+fn journal_snapshot(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    journal::JOURNAL_FILES
+        .iter()
+        .map(|n| (root.join(n), fs::read(root.join(n)).unwrap()))
+        .collect()
+}
+
+fn put_back(snapshot: &[(PathBuf, Vec<u8>)]) {
+    for (path, bytes) in snapshot {
+        fs::write(path, bytes).unwrap();
+    }
+}
+
+fn write_piece(store: &Arc<PieceStore>, piece: PieceId, data: &[u8]) {
+    let mut w = store.begin_write(piece, None).unwrap();
+    w.write_at(0, data).unwrap();
+    w.commit().unwrap();
+}
+
+fn read_all(store: &PieceStore, piece: PieceId) -> Vec<u8> {
+    let mut buf = vec![0u8; 1 << 20];
+    let n = store.read(piece, 0, &mut buf).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+#[test]
+fn journaled_pieces_lost_by_a_crash_are_written_again_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+    write_piece(&store, 1, b"one, whose file a power cut lost");
+    write_piece(&store, 2, b"two, whose file a power cut left half written");
+    write_piece(&store, 3, b"three, whose file survived");
+    let big = vec![9u8; (journal::MAX_JOURNALED_FILE + 1) as usize];
+    write_piece(&store, 4, &big);
+    let crashed = journal_snapshot(dir.path());
+    let records = journal::recover(dir.path()).unwrap();
+    let journaled: Vec<PieceId> = records.iter().map(|r| r.piece).collect();
+    assert_eq!(journaled, vec![1, 2, 3], "the large piece was fsync'd, not journaled");
+    drop(store);
+    assert!(
+        journal::recover(dir.path()).unwrap().is_empty(),
+        "a clean stop checkpoints"
+    );
+
+    // What a power cut can leave of files that were never fsync'd.
+    let layout = Layout::new(dir.path(), 36);
+    fs::remove_file(layout.piece_path(1)).unwrap();
+    let two = layout.piece_path(2);
+    let len = fs::metadata(&two).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&two)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    put_back(&crashed);
+
+    let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+    assert_eq!(read_all(&store, 1), b"one, whose file a power cut lost");
+    assert_eq!(read_all(&store, 2), b"two, whose file a power cut left half written");
+    assert_eq!(read_all(&store, 3), b"three, whose file survived");
+    assert_eq!(read_all(&store, 4), big);
+    assert_eq!(store.usage().pieces, 4);
+    assert!(
+        journal::recover(dir.path()).unwrap().is_empty(),
+        "replayed, then started afresh"
+    );
+}
+
+#[test]
+fn a_rewritten_piece_is_not_journaled_and_a_replay_keeps_the_newer_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+    write_piece(&store, 5, b"first version");
+    write_piece(&store, 5, b"second version, fsync'd");
+    let crashed = journal_snapshot(dir.path());
+    let records = journal::recover(dir.path()).unwrap();
+    assert_eq!(records.len(), 1);
+    drop(store);
+    put_back(&crashed);
+    let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+    assert_eq!(read_all(&store, 5), b"second version, fsync'd");
+}
+
+#[test]
+fn without_the_journal_pieces_are_fsynced_and_leftover_records_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+    write_piece(&store, 6, b"journaled before the journal was turned off");
+    let crashed = journal_snapshot(dir.path());
+    drop(store);
+    fs::remove_file(Layout::new(dir.path(), 36).piece_path(6)).unwrap();
+    put_back(&crashed);
+    let store = Arc::new(PieceStore::open_with_journal(dir.path(), 36, 0, false).unwrap());
+    assert_eq!(read_all(&store, 6), b"journaled before the journal was turned off");
+    for name in journal::JOURNAL_FILES {
+        assert!(!dir.path().join(name).exists(), "{name} removed");
+    }
+    write_piece(&store, 7, b"fsync'd");
+    assert_eq!(read_all(&store, 7), b"fsync'd");
+    assert!(journal::recover(dir.path()).unwrap().is_empty());
+}
+
+#[test]
+fn concurrent_small_writes_all_land_through_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for i in 0..50u64 {
+                    let piece = 1000 + t * 100 + i;
+                    write_piece(&store, piece, format!("piece {piece}").as_bytes());
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let crashed = journal_snapshot(dir.path());
+    let mut journaled: Vec<PieceId> = journal::recover(dir.path()).unwrap().iter().map(|r| r.piece).collect();
+    journaled.sort();
+    assert_eq!(journaled.len(), 200, "every piece in the journal, none twice");
+    journaled.dedup();
+    assert_eq!(journaled.len(), 200);
+    drop(store);
+    // All files lost: the journal alone brings every piece back.
+    fs::remove_dir_all(Layout::new(dir.path(), 36).pieces_dir()).unwrap();
+    fs::create_dir(Layout::new(dir.path(), 36).pieces_dir()).unwrap();
+    put_back(&crashed);
+    let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+    for piece in journaled {
+        assert_eq!(read_all(&store, piece), format!("piece {piece}").as_bytes());
+    }
+    assert!(max_entries(dir.path()) <= 36);
 }

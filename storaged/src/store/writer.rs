@@ -1,4 +1,5 @@
-//! Durable writes of one new piece: a temporary file, checksums, fsync, into place.
+//! Durable writes of one new piece: a temporary file, checksums, into place, durable (by the
+//! piece journal or by fsyncs).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind};
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use dfs_proto::meta::BasePiece;
 use dfs_proto::types::PieceId;
 
+use super::journal::{Journal, MAX_JOURNALED_FILE, syncfs};
 use super::{IO_CHUNK, PieceStore, StoreError, accounted_len, ensure_parent, io_err, prune_empty_parents, sync_dir};
 use crate::piece_format::{self, BLOCK_SIZE};
 
@@ -121,7 +123,7 @@ impl PieceWriter {
 
     /// Appends the checksum trailer, computed over the final data read back (segments may have
     /// come in any order, so only now is every block complete).
-    fn write_trailer(&self) -> Result<(), StoreError> {
+    fn write_trailer(&self) -> Result<u64, StoreError> {
         let mut crcs = Vec::with_capacity(piece_format::block_count(self.len) as usize);
         let mut buf = vec![0u8; (self.len as usize).min(IO_CHUNK)];
         let mut pos = 0u64;
@@ -136,20 +138,30 @@ impl PieceWriter {
         let trailer = piece_format::encode_trailer(self.len, &crcs, self.piece);
         self.file
             .write_all_at(&trailer, self.len)
-            .map_err(|e| self.map_write_error("write checksums", e))
+            .map_err(|e| self.map_write_error("write checksums", e))?;
+        Ok(self.len + trailer.len() as u64)
     }
 
     /// Writes the checksums, makes the piece durable under its final name and returns its
     /// (data) length.
+    ///
+    /// A new piece of at most [`MAX_JOURNALED_FILE`] bytes is linked into place and then
+    /// appended to the piece journal; any other (or one the journal refuses) is fsync'd, linked,
+    /// and its directory fsync'd. Either way it is durable when this returns.
     pub fn commit(mut self) -> Result<u64, StoreError> {
-        self.write_trailer()?;
-        self.file.sync_all().map_err(|e| self.map_write_error("fsync", e))?;
+        let file_len = self.write_trailer()?;
         let final_path = self.store.layout.piece_path(self.piece);
         let replaced = fs::metadata(&final_path).ok().map(|m| accounted_len(m.len()));
+        // A rewrite of an existing piece is never journaled: a replay must not bring back an
+        // older version over a newer file (journal.rs).
+        let journal = (self.store.journal.as_ref()).filter(|_| replaced.is_none() && file_len <= MAX_JOURNALED_FILE);
+        if journal.is_none() {
+            self.file.sync_all().map_err(|e| self.map_write_error("fsync", e))?;
+        }
         // A concurrent delete may prune the directory between creating and linking: retry.
         let mut attempts = 0;
         loop {
-            ensure_parent(&final_path, true)?;
+            ensure_parent(&final_path, journal.is_none())?;
             let placed = match &self.temp {
                 Temp::Unnamed => link_into_place(&self.file, &final_path),
                 Temp::Named(tmp) => fs::rename(tmp, &final_path),
@@ -164,7 +176,10 @@ impl PieceWriter {
             }
         }
         self.committed = true;
-        sync_dir(final_path.parent().expect("piece has a parent"))?;
+        match journal {
+            None => sync_dir(final_path.parent().expect("piece has a parent"))?,
+            Some(journal) => self.journal_or_sync(journal, file_len, &final_path)?,
+        }
         self.store.account_new_piece(self.len, replaced);
         // A damaged copy this one replaced is gone.
         self.store.corrupt.remove(self.piece);
@@ -172,6 +187,25 @@ impl PieceWriter {
             prune_empty_parents(tmp, &self.store.layout.tmp_dir());
         }
         Ok(self.len)
+    }
+
+    /// Makes a piece just linked into place durable through the journal, or, if the journal
+    /// refuses it, by an fsync of the file and a `syncfs` (the link may have made directories,
+    /// none of them fsync'd).
+    fn journal_or_sync(&self, journal: &Journal, file_len: u64, path: &Path) -> Result<(), StoreError> {
+        let mut bytes = vec![0u8; file_len as usize];
+        self.file
+            .read_exact_at(&mut bytes, 0)
+            .map_err(|e| self.map_write_error("read back", e))?;
+        let Err(refused) = journal.append(self.piece, bytes) else {
+            return Ok(());
+        };
+        tracing::debug!("piece {}: not journaled ({refused}); fsync instead", self.piece);
+        self.file.sync_all().map_err(|e| self.map_write_error("fsync", e))?;
+        let root = self.store.layout.root();
+        File::open(root)
+            .and_then(|dir| syncfs(&dir))
+            .map_err(io_err("syncfs after writing", path))
     }
 }
 
