@@ -5,5 +5,6 @@ pub mod config;
 pub mod logging;
 pub mod metrics;
 pub mod process;
+pub mod token;
 
 pub use config::Config;

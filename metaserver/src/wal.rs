@@ -201,7 +201,7 @@ impl Wal {
     /// Makes redb durable up to the last batch, under a new token, and starts a new round at
     /// the beginning of the file. Records of the old round left in the file no longer count.
     pub fn checkpoint(&mut self, db: &Database) -> Result<()> {
-        let token = fresh_token(self.token);
+        let token = dfs_common::token::fresh_token(self.token);
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
@@ -272,24 +272,6 @@ pub fn apply_record(txn: &WriteTransaction, record: &Record) -> Result<()> {
     let mut meta = txn.open_table(META)?;
     meta.insert(keys::WAL_SEQ, record.seq)?;
     Ok(())
-}
-
-/// A token unlike `previous`, from the standard library's per-process random hash keys.
-fn fresh_token(previous: u64) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    loop {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(previous);
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
-        let token = h.finish();
-        if token != previous && token != 0 {
-            return token;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -310,8 +310,13 @@ impl PieceStore {
         if records.is_empty() {
             return Ok(());
         }
-        let mut restored = 0;
+        // A piece id recorded twice (written again after a delete) comes back as last written.
+        let mut newest: std::collections::HashMap<PieceId, &journal::Recovered> = std::collections::HashMap::new();
         for record in &records {
+            newest.insert(record.piece, record);
+        }
+        let mut restored = 0;
+        for record in newest.values() {
             if self.restore_piece(record.piece, &record.bytes)? {
                 restored += 1;
             }
@@ -329,8 +334,11 @@ impl PieceStore {
     /// Puts a journaled piece's file in place unless a complete one is there; returns whether
     /// it did.
     fn restore_piece(&self, piece: PieceId, bytes: &[u8]) -> Result<bool, StoreError> {
-        if self.verified_len(piece).is_ok() {
-            return Ok(false);
+        match self.verified_len(piece) {
+            Ok(_) => return Ok(false),
+            Err(StoreError::NotFound { .. } | StoreError::Corrupt { .. }) => {}
+            // Not known to be lost: never overwritten on a guess (the daemon does not start).
+            Err(e) => return Err(e),
         }
         let final_path = self.layout.piece_path(piece);
         let tmp = self.layout.temp_path(self.next_temp.fetch_add(1, Ordering::Relaxed));

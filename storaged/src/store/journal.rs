@@ -18,8 +18,8 @@
 //! - only pieces that did not exist when committed are journaled (a rewrite of an existing
 //!   piece id is made durable by fsyncs, as before), so a record never holds an older version
 //!   than the file it would restore;
-//! - on start, every record of both files is replayed in order: a piece whose file is missing
-//!   or does not verify is written again from its record; then a `syncfs`, then both files
+//! - on start, the newest record of each piece in both files is replayed: a piece whose file
+//!   is missing or does not verify is written again from it; then a `syncfs`, then both files
 //!   start afresh. A piece deleted after its record was written may come back this way: it is
 //!   an orphan, which the metaserver's inventory check removes after its grace period.
 //!
@@ -174,24 +174,6 @@ fn encode_record(out: &mut Vec<u8>, token: u64, seq: u64, piece: PieceId, bytes:
     out[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// A token unlike `previous`, from the standard library's per-process random hash keys.
-fn fresh_token(previous: u64) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    loop {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(previous);
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
-        let token = h.finish();
-        if token != previous && token != 0 {
-            return token;
-        }
-    }
-}
-
 /// Makes every file of the file system holding `dir` durable.
 pub fn syncfs(dir: &File) -> io::Result<()> {
     // SAFETY: syncfs on a descriptor we own.
@@ -203,7 +185,7 @@ pub fn syncfs(dir: &File) -> io::Result<()> {
 
 /// Starts a file again under a new token (its old records are then never replayed).
 fn reset(file: &File, previous: u64) -> io::Result<u64> {
-    let token = fresh_token(previous);
+    let token = dfs_common::token::fresh_token(previous);
     file.write_all_at(&encode_header(token), 0)?;
     file.sync_data()?;
     Ok(token)
@@ -212,7 +194,15 @@ fn reset(file: &File, previous: u64) -> io::Result<u64> {
 struct Append {
     piece: PieceId,
     bytes: Vec<u8>,
-    done: SyncSender<Result<(), AppendError>>,
+    done: SyncSender<Reply>,
+}
+
+/// What a queued append hears back.
+enum Reply {
+    Done(Result<(), AppendError>),
+    /// Write what is queued (its own record included) for everyone: the previous leader wrote
+    /// one batch and hands over, so no writer waits on others' records for long.
+    Lead,
 }
 
 /// Appends waiting for a leader, and whether one is at work.
@@ -290,45 +280,54 @@ impl Journal {
     ///
     /// Group commit without a thread of its own: the caller that finds no append at work
     /// becomes the leader, writes what is waiting (its own record and any that queued
-    /// meanwhile) with one `fdatasync`, answers them, and goes on while more wait. One writer
-    /// alone thus pays no thread hop; concurrent writers share the `fdatasync`s.
+    /// meanwhile) with one `fdatasync`, answers them, and hands the lead to the first writer
+    /// that queued meanwhile. One writer alone thus pays no thread hop; concurrent writers
+    /// share the `fdatasync`s, and none writes more than one batch for the others.
     pub fn append(&self, piece: PieceId, bytes: Vec<u8>) -> Result<(), AppendError> {
         let (done, result) = mpsc::sync_channel(1);
-        let mut queue = self.shared.queue.lock().expect("journal queue");
-        queue.waiting.push(Append { piece, bytes, done });
-        if !queue.leading {
-            queue.leading = true;
-            drop(queue);
-            self.shared.lead();
-        } else {
-            drop(queue);
+        let lead = {
+            let mut queue = self.shared.queue.lock().expect("journal queue");
+            queue.waiting.push(Append { piece, bytes, done });
+            !std::mem::replace(&mut queue.leading, true)
+        };
+        if lead {
+            self.shared.lead_once();
         }
-        result
-            .recv()
-            .map_err(|_| AppendError::Broken("the journal stopped before answering".into()))?
+        loop {
+            match result.recv() {
+                Ok(Reply::Done(outcome)) => return outcome,
+                Ok(Reply::Lead) => self.shared.lead_once(),
+                Err(_) => return Err(AppendError::Broken("the journal stopped before answering".into())),
+            }
+        }
     }
 }
 
 impl Shared {
-    /// Writes waiting appends until none is left, then stops leading. Called with `leading`
-    /// set by the caller.
-    fn lead(&self) {
-        loop {
-            let batch = {
-                let mut queue = self.queue.lock().expect("journal queue");
-                if queue.waiting.is_empty() {
-                    queue.leading = false;
-                    return;
-                }
-                std::mem::take(&mut queue.waiting)
-            };
-            let mut active = self.active.lock().expect("journal state");
-            active.take_batch(batch);
+    /// Writes one batch of what is queued, then hands the lead to the first writer still
+    /// waiting, or gives it up. Called by the leader.
+    fn lead_once(&self) {
+        let batch = std::mem::take(&mut self.queue.lock().expect("journal queue").waiting);
+        if !batch.is_empty() {
+            self.active.lock().expect("journal state").take_batch(batch);
+        }
+        self.hand_over();
+    }
+
+    /// Passes the lead to the first waiting writer, or marks nobody leading.
+    fn hand_over(&self) {
+        let mut queue = self.queue.lock().expect("journal queue");
+        match queue.waiting.first() {
+            // Its channel is empty: it has not been answered, and nobody else answers it.
+            Some(next) => {
+                let _ = next.done.try_send(Reply::Lead);
+            }
+            None => queue.leading = false,
         }
     }
 
-    /// Leads for a moment if nobody is (the checkpoint thread's idle check); returns whether
-    /// it did, having run `f` on the state and then written whatever queued meanwhile.
+    /// Leads for a moment if nobody is (the checkpoint thread's idle check): runs `f` on the
+    /// state, then hands the lead to whoever queued meanwhile. Returns whether it did.
     fn lead_with(&self, f: impl FnOnce(&mut Active)) -> bool {
         {
             let mut queue = self.queue.lock().expect("journal queue");
@@ -338,7 +337,7 @@ impl Shared {
             queue.leading = true;
         }
         f(&mut self.active.lock().expect("journal state"));
-        self.lead();
+        self.hand_over();
         true
     }
 }
@@ -589,7 +588,7 @@ fn answer(batch: Vec<Append>, outcome: &Result<(), AppendError>) {
             Err(AppendError::Broken(s)) => Err(AppendError::Broken(s.clone())),
             Err(AppendError::Io(s)) => Err(AppendError::Io(s.clone())),
         };
-        let _ = a.done.send(result);
+        let _ = a.done.send(Reply::Done(result));
     }
 }
 

@@ -593,3 +593,19 @@ fn concurrent_small_writes_all_land_through_the_journal() {
     }
     assert!(max_entries(dir.path()) <= 36);
 }
+
+#[test]
+fn a_piece_journaled_twice_comes_back_as_last_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+    write_piece(&store, 8, b"first, then deleted");
+    assert!(store.delete(8).unwrap());
+    write_piece(&store, 8, b"written again");
+    let crashed = journal_snapshot(dir.path());
+    assert_eq!(journal::recover(dir.path()).unwrap().len(), 2);
+    drop(store);
+    fs::remove_file(Layout::new(dir.path(), 36).piece_path(8)).unwrap();
+    put_back(&crashed);
+    let store = Arc::new(PieceStore::open(dir.path(), 36, 0).unwrap());
+    assert_eq!(read_all(&store, 8), b"written again");
+}

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use dfs_proto::meta::BasePiece;
 use dfs_proto::types::PieceId;
 
-use super::journal::{Journal, MAX_JOURNALED_FILE, syncfs};
+use super::journal::{Journal, MAX_JOURNALED_FILE};
 use super::{IO_CHUNK, PieceStore, StoreError, accounted_len, ensure_parent, io_err, prune_empty_parents, sync_dir};
 use crate::piece_format::{self, BLOCK_SIZE};
 
@@ -161,7 +161,9 @@ impl PieceWriter {
         // A concurrent delete may prune the directory between creating and linking: retry.
         let mut attempts = 0;
         loop {
-            ensure_parent(&final_path, journal.is_none())?;
+            // New directories are made durable at once, journal or not: they are rare (one per
+            // `fanout` pieces), and a later fsync'd piece in the same directory relies on them.
+            ensure_parent(&final_path, true)?;
             let placed = match &self.temp {
                 Temp::Unnamed => link_into_place(&self.file, &final_path),
                 Temp::Named(tmp) => fs::rename(tmp, &final_path),
@@ -178,7 +180,13 @@ impl PieceWriter {
         self.committed = true;
         match journal {
             None => sync_dir(final_path.parent().expect("piece has a parent"))?,
-            Some(journal) => self.journal_or_sync(journal, file_len, &final_path)?,
+            Some(journal) => {
+                if let Err(e) = self.journal_or_sync(journal, file_len, &final_path) {
+                    // Not durable, and the writer is told so: nothing of it may stay visible.
+                    let _ = fs::remove_file(&final_path);
+                    return Err(e);
+                }
+            }
         }
         self.store.account_new_piece(self.len, replaced);
         // A damaged copy this one replaced is gone.
@@ -190,8 +198,7 @@ impl PieceWriter {
     }
 
     /// Makes a piece just linked into place durable through the journal, or, if the journal
-    /// refuses it, by an fsync of the file and a `syncfs` (the link may have made directories,
-    /// none of them fsync'd).
+    /// refuses it, by fsyncs of the file and of its directory.
     fn journal_or_sync(&self, journal: &Journal, file_len: u64, path: &Path) -> Result<(), StoreError> {
         let mut bytes = vec![0u8; file_len as usize];
         self.file
@@ -202,10 +209,7 @@ impl PieceWriter {
         };
         tracing::debug!("piece {}: not journaled ({refused}); fsync instead", self.piece);
         self.file.sync_all().map_err(|e| self.map_write_error("fsync", e))?;
-        let root = self.store.layout.root();
-        File::open(root)
-            .and_then(|dir| syncfs(&dir))
-            .map_err(io_err("syncfs after writing", path))
+        sync_dir(path.parent().expect("piece has a parent"))
     }
 }
 
