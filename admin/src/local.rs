@@ -51,15 +51,27 @@ pub fn free_addr(host: &str) -> std::io::Result<String> {
     // be handed meanwhile to some client's socket (every `dfs status` binds one).
     let (low, _) = ephemeral_range();
     let span = low.saturating_sub(PORT_FLOOR).max(1);
+    // Free now is not enough: a port handed out earlier by this process may not be bound yet
+    // (the daemons of one cluster, or clusters prepared side by side in one test binary).
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     for attempt in 0..200u64 {
         let port = PORT_FLOOR + (random(attempt) % span as u64) as u16;
-        if port < low && UdpSocket::bind((ip, port)).is_ok() && TcpListener::bind((ip, port)).is_ok() {
+        if port < low
+            && !handed_out.contains(&port)
+            && UdpSocket::bind((ip, port)).is_ok()
+            && TcpListener::bind((ip, port)).is_ok()
+        {
+            handed_out.insert(port);
             return Ok(std::net::SocketAddr::new(ip, port).to_string());
         }
     }
     let port = UdpSocket::bind((ip, 0))?.local_addr()?.port();
     Ok(std::net::SocketAddr::new(ip, port).to_string())
 }
+
+/// Ports `free_addr` handed out in this process.
+static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
 
 /// Lowest port `free_addr` hands out.
 const PORT_FLOOR: u16 = 20_000;
@@ -202,6 +214,17 @@ fn new_storage_daemon(dir: &Path, config: &Config, ca: &PemPair, host: &str) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A port handed out is not handed out again by the same process, even though nothing
+    /// bound it meanwhile (one cluster's daemons are given ports before any of them starts).
+    #[test]
+    fn free_addr_never_hands_out_a_port_twice() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..300 {
+            let addr = free_addr("127.0.0.1").unwrap();
+            assert!(seen.insert(addr.clone()), "{addr} handed out twice");
+        }
+    }
 
     #[test]
     fn prepare_creates_then_extends() {
