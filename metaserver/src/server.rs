@@ -83,6 +83,7 @@ async fn handle_stream(svc: Arc<MetaService>, mut send: SendStream, mut recv: Re
         MetaRequest::ForgetNode(r) => answer!(s, remote, timer, ForgetNode, svc.forget_node(r).await),
         MetaRequest::Backup(r) => answer!(s, remote, timer, Backup, svc.backup(r).await),
         MetaRequest::BackupRead(r) => answer!(s, remote, timer, BackupRead, svc.backup_read(r).await),
+        MetaRequest::SyncCreates(r) => answer!(s, remote, timer, SyncCreates, svc.sync_creates(r).await),
     };
     if sent.is_ok() {
         let _ = send.finish();

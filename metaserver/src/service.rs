@@ -119,6 +119,7 @@ impl MetaService {
         }
         // Before anything reads the database: it must hold every acknowledged batch.
         let wal = Wal::recover(&db, &db_dir.join(WAL_FILE))?;
+        crate::committer::skip_unlogged_inode_numbers(&db)?;
         let r = ReadCtx::begin(&db)?;
         let stored_chunk = get_counter(&r.meta, keys::CHUNK_SIZE)?;
         if stored_chunk != settings.chunk_size {
@@ -256,6 +257,46 @@ impl MetaService {
                 Ok((value, ctx.changes_since(mark)))
             })
             .await
+    }
+
+    /// Like [`write_with_changes`](Self::write_with_changes), answered before the batch is
+    /// durable (`Committer::write_early`).
+    async fn write_with_changes_early<T, F>(&self, op: F) -> Result<(T, Changes)>
+    where
+        T: Send + 'static,
+        F: for<'t> FnOnce(&mut WriteCtx<'t>) -> Result<T> + Send + 'static,
+    {
+        self.committer
+            .write_early(move |ctx| {
+                let mark = ctx.touched.len();
+                let value = op(ctx)?;
+                Ok((value, ctx.changes_since(mark)))
+            })
+            .await
+    }
+
+    /// Durable once answered, like every normal write: the log's fdatasync of this batch
+    /// covers the early-answered creates before it.
+    pub async fn sync_creates(&self, req: SyncCreates) -> Result<Vec<Ino>> {
+        if req.inos.len() > MAX_SYNC_CREATES {
+            return Err(MetaError::fs(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{} inodes in one SyncCreates (at most {MAX_SYNC_CREATES})",
+                    req.inos.len()
+                ),
+            ));
+        }
+        self.write(move |ctx| {
+            let mut missing = Vec::new();
+            for ino in req.inos {
+                if crate::schema::get_inode(crate::db::Tables::inodes(ctx), ino)?.is_none() {
+                    missing.push(ino);
+                }
+            }
+            Ok(missing)
+        })
+        .await
     }
 
     async fn next_piece_id(&self) -> Result<PieceId> {
@@ -457,7 +498,7 @@ impl MetaService {
         let sessions = self.sessions.clone();
         let default_replicas = self.settings.replicas;
         let ((attr, created, replicas), changes) = self
-            .write_with_changes(move |ctx| {
+            .write_with_changes_early(move |ctx| {
                 if let Some(reason) = no_room {
                     // Opening an existing file needs no daemon; creating one that nothing could
                     // be written into does.

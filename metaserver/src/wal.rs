@@ -83,6 +83,8 @@ pub struct Wal {
     seq: u64,
     /// When the round began (the last checkpoint).
     round_began: Instant,
+    /// `pos` and `seq` as of the last fdatasync: records past it are written, not durable.
+    synced: (u64, u64),
 }
 
 impl Wal {
@@ -146,6 +148,7 @@ impl Wal {
             token,
             seq,
             round_began: Instant::now(),
+            synced: (0, seq),
         };
         wal.checkpoint(db)?;
         Ok(wal)
@@ -174,6 +177,14 @@ impl Wal {
     /// Appends batch `next_seq()` and makes it durable. On failure nothing counts as logged
     /// (the next append overwrites the same place) and the caller must not commit the batch.
     pub fn append(&mut self, tables: Vec<(TableId, Vec<RawChange>)>) -> Result<()> {
+        self.write(tables)?;
+        self.sync()
+    }
+
+    /// Writes batch `next_seq()` after the records written so far, without making it durable
+    /// ([`sync`](Self::sync) does). On failure nothing counts as written and the caller must
+    /// not commit the batch.
+    pub fn write(&mut self, tables: Vec<(TableId, Vec<RawChange>)>) -> Result<()> {
         let record = Record {
             token: self.token,
             seq: self.next_seq(),
@@ -187,15 +198,43 @@ impl Wal {
         frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         frame.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
         frame.extend_from_slice(&payload);
-        let io = |op: &'static str| {
-            let path = self.path.clone();
-            move |source| MetaError::Log { path, op, source }
-        };
-        self.file.write_all_at(&frame, self.pos).map_err(io("append to"))?;
-        self.file.sync_data().map_err(io("fdatasync"))?;
+        self.file
+            .write_all_at(&frame, self.pos)
+            .map_err(|source| self.error("append to", source))?;
         self.pos += frame.len() as u64;
         self.seq = record.seq;
         Ok(())
+    }
+
+    /// Makes every record written so far durable. On failure none of those written since the
+    /// last sync counts as logged (the next write overwrites them).
+    pub fn sync(&mut self) -> Result<()> {
+        if !self.has_unsynced() {
+            return Ok(());
+        }
+        match self.file.sync_data() {
+            Ok(()) => {
+                self.synced = (self.pos, self.seq);
+                Ok(())
+            }
+            Err(source) => {
+                (self.pos, self.seq) = self.synced;
+                Err(self.error("fdatasync", source))
+            }
+        }
+    }
+
+    /// Whether records were written since the last sync.
+    pub fn has_unsynced(&self) -> bool {
+        (self.pos, self.seq) != self.synced
+    }
+
+    fn error(&self, op: &'static str, source: std::io::Error) -> MetaError {
+        MetaError::Log {
+            path: self.path.clone(),
+            op,
+            source,
+        }
     }
 
     /// Makes redb durable up to the last batch, under a new token, and starts a new round at
@@ -211,6 +250,7 @@ impl Wal {
         txn.commit()?;
         self.token = token;
         self.pos = 0;
+        self.synced = (0, self.seq);
         self.round_began = Instant::now();
         Ok(())
     }
@@ -331,6 +371,42 @@ mod tests {
         let wal3 = Wal::recover(&db2, &image.join(WAL_FILE)).unwrap();
         assert_eq!(counter(&db2, "test"), 50);
         assert!(!wal3.has_records());
+    }
+
+    /// Early answers (a create's) come before their batch is fdatasync'd; the batch is in the
+    /// log by then, in order, and a normal batch after it makes both durable: a crash image
+    /// taken then replays every one, early or not, in the order they were answered.
+    #[tokio::test]
+    async fn early_batches_are_logged_in_order_and_made_durable_by_the_next_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(crate::db::open(&dir.path().join("m.redb"), 1 << 20).unwrap());
+        let wal = Wal::recover(&db, &dir.path().join(WAL_FILE)).unwrap();
+        let committer = Committer::start(db.clone(), Some(wal), |_| {}, |_| false, Default::default());
+        for i in 1..=30u64 {
+            let op = move |ctx: &mut crate::db::WriteCtx<'_>| {
+                ctx.meta.insert("test", i)?;
+                ctx.inodes.insert(2000 + i, &b"x"[..])?;
+                Ok(())
+            };
+            if i % 3 == 0 {
+                committer.write(op).await.unwrap();
+            } else {
+                committer.write_early(op).await.unwrap();
+                // Answered early, yet already visible to readers.
+                assert_eq!(counter(&db, "test"), i);
+            }
+        }
+        // The last batch (30) was a normal one: everything answered is durable in the log.
+        let image = dir.path().join("image");
+        crash_image(dir.path(), &image);
+        let db2 = crate::db::open(&image.join("m.redb"), 1 << 20).unwrap();
+        Wal::recover(&db2, &image.join(WAL_FILE)).unwrap();
+        assert_eq!(counter(&db2, "test"), 30);
+        let r = db2.begin_read().unwrap();
+        let inodes = r.open_table(INODES).unwrap();
+        for i in 1..=30u64 {
+            assert!(inodes.get(2000 + i).unwrap().is_some(), "batch {i} lost");
+        }
     }
 
     fn record(token: u64, seq: u64) -> Vec<u8> {

@@ -519,10 +519,11 @@ impl Filesystem for DfsFs {
         });
     }
 
-    /// Every directory operation is durable on the metaserver when it returns, so there is
-    /// nothing left to wait for.
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        reply.ok();
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let m = self.mount.clone();
+        self.run("fsyncdir", async move { m.fsyncdir(ino.0).await }, move |r| {
+            empty(r, reply)
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

@@ -76,6 +76,9 @@ pub struct Writer {
     /// Created by this mount and not committed since: attribute changes wait for the close even
     /// if nothing is written (tar creates empty files, then sets their times, owner and mode).
     pub fresh: bool,
+    /// Opened by a `Create`, which the metaserver answers before it is durable: the next close
+    /// or fsync makes it durable (`Mount::commit`) even with nothing to commit.
+    pub create_unlogged: bool,
     pub clock: u64,
     pub last_write: Instant,
     /// The lock hold the uncommitted writes were made under (the first seen), if any.
@@ -93,6 +96,7 @@ impl Default for Writer {
             error: None,
             first_piece: None,
             fresh: false,
+            create_unlogged: false,
             clock: 0,
             last_write: Instant::now(),
             fence: None,
@@ -101,10 +105,15 @@ impl Default for Writer {
 }
 
 impl Writer {
-    /// Nothing written, nothing in flight, no failure waiting to be reported: a commit would
-    /// have nothing to do.
+    /// Nothing written, nothing in flight, no failure waiting to be reported, no create to
+    /// make durable: a commit would have nothing to do.
     pub fn is_idle(&self) -> bool {
-        !self.dirty && self.open.is_empty() && self.closing.is_empty() && self.done.is_empty() && self.error.is_none()
+        !self.dirty
+            && self.open.is_empty()
+            && self.closing.is_empty()
+            && self.done.is_empty()
+            && self.error.is_none()
+            && !self.create_unlogged
     }
 
     /// Moves an open chunk to the closing list (its stream ends once its queue drains).

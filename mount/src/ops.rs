@@ -56,6 +56,9 @@ pub struct Mount {
     files: Mutex<HashMap<u64, Arc<OpenHandle>>>,
     dirs: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<DirHandle>>>>,
     next_handle: AtomicU64,
+    /// Inodes opened by a `Create` not yet known to be durable, with their parent directory
+    /// (`Writer::create_unlogged`; an `fsync` of the directory makes them durable).
+    unlogged_creates: Mutex<HashMap<Ino, Ino>>,
 }
 
 /// What `open`/`create` hand back to the kernel.
@@ -108,6 +111,7 @@ impl Mount {
             cached_versions: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
+            unlogged_creates: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
         }
     }
@@ -669,6 +673,11 @@ impl Mount {
             let mut w = state.writer.lock().await;
             w.first_piece = created.first_piece;
             w.fresh = created.created;
+            w.create_unlogged = true;
+            self.unlogged_creates
+                .lock()
+                .expect("unlogged creates")
+                .insert(attr.ino, parent);
         }
         self.register_handle(fh, &state, writable);
         // A new file has no cached pages; an existing one keeps them if unchanged.
@@ -853,8 +862,11 @@ impl Mount {
             return Err(e);
         }
         if !w.dirty {
-            // Nothing to commit: the create itself was durable. After a close or fsync the file
-            // is no longer "just created", and attribute changes go to the metaserver at once.
+            // Nothing to commit but perhaps the create. After a close or fsync the file is no
+            // longer "just created", and attribute changes go to the metaserver at once.
+            if w.create_unlogged {
+                self.make_create_durable(state, w).await?;
+            }
             w.fresh = false;
             return Ok(());
         }
@@ -870,9 +882,11 @@ impl Mount {
         let attr = match self.meta.commit(request).await {
             Ok(attr) => attr,
             Err(e) => {
-                // Refused as stale (a lock lost, a piece gone): to the writer, an I/O error.
+                // Refused as stale (a lock lost, a piece gone) or the inode gone (its create
+                // lost by a metaserver that stopped before logging it): to the writer, an I/O
+                // error.
                 let e = match FsError::from(e) {
-                    e if e.errno == libc::ESTALE => FsError::io(e.message),
+                    e if e.errno == libc::ESTALE || e.errno == libc::ENOENT => FsError::io(e.message),
                     e => e,
                 };
                 tracing::warn!("inode {}: cannot commit written data: {e}", state.ino);
@@ -883,6 +897,8 @@ impl Mount {
         w.done.clear();
         w.dirty = false;
         w.fresh = false;
+        // Committed on top of the create, so after it in the metaserver's log: durable too.
+        self.create_logged(state.ino, w);
         w.end = 0;
         w.fence = None;
         state.clear_held_attrs();
@@ -894,6 +910,68 @@ impl Mount {
         let mut cache = state.cache.lock().await;
         cache.size = attr.size;
         cache.invalidate();
+        Ok(())
+    }
+
+    /// Makes the create of a file opened by `Create` durable (`SyncCreates`). A create the
+    /// metaserver lost (it stopped before logging it) is a failure for every writer of the
+    /// file, like lost data; one that cannot be confirmed now stays to be confirmed later.
+    async fn make_create_durable(&self, state: &InodeState, w: &mut Writer) -> FsResult<()> {
+        let ino = state.ino;
+        let missing = self.meta.call(SyncCreates { inos: vec![ino] }).await.map_err(|e| {
+            let e = FsError::from(e);
+            tracing::warn!("inode {ino}: cannot make its creation durable: {e}");
+            e
+        })?;
+        self.create_logged(ino, w);
+        if missing.contains(&ino) {
+            let e = FsError::io(format!(
+                "inode {ino}: its creation was lost (the metaserver stopped before logging it)"
+            ));
+            self.fail_writes(state, w, &e);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn create_logged(&self, ino: Ino, w: &mut Writer) {
+        if std::mem::take(&mut w.create_unlogged) {
+            self.unlogged_creates.lock().expect("unlogged creates").remove(&ino);
+        }
+    }
+
+    /// `fsync()` of a directory: every other directory operation is durable when it returns;
+    /// creates in it this mount has not yet made durable are made so now.
+    pub async fn fsyncdir(&self, dir: Ino) -> FsResult<()> {
+        let inos: Vec<Ino> = {
+            let unlogged = self.unlogged_creates.lock().expect("unlogged creates");
+            unlogged
+                .iter()
+                .filter(|&(_, &parent)| parent == dir)
+                .map(|(&ino, _)| ino)
+                .collect()
+        };
+        for batch in inos.chunks(MAX_SYNC_CREATES) {
+            let missing = self
+                .meta
+                .call(SyncCreates { inos: batch.to_vec() })
+                .await
+                .map_err(FsError::from)?;
+            {
+                // Durable now, or lost: either way nothing more to wait for here (a lost one is
+                // reported by its own close or fsync, whose writer still asks).
+                let mut unlogged = self.unlogged_creates.lock().expect("unlogged creates");
+                for ino in batch {
+                    unlogged.remove(ino);
+                }
+            }
+            if let Some(lost) = missing.first() {
+                // Each file's own close or fsync reports it too (its writer confirms again).
+                return Err(FsError::io(format!(
+                    "directory {dir}: the creation of inode {lost} in it was lost (the metaserver stopped before logging it)"
+                )));
+            }
+        }
         Ok(())
     }
 

@@ -46,6 +46,7 @@ service! {
         ForgetNode => ForgottenNode,
         Backup => BackupSnapshot,
         BackupRead => Vec<u8>,
+        SyncCreates => Vec<Ino>,
     }
 }
 
@@ -154,6 +155,10 @@ pub struct MakeNode {
 }
 
 /// Creates (or, unless `exclusive`, opens) a regular file and registers the open.
+///
+/// Answered as soon as the metaserver applied it, before it is durable (its log is fdatasync'd
+/// right after): the mount makes it durable at the file's close or fsync, by a `CommitWrite`
+/// of its data or by [`SyncCreates`].
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Create {
     pub parent: Ino,
@@ -203,6 +208,18 @@ pub struct Release {
     pub session: SessionId,
     pub handle: HandleId,
 }
+
+/// Makes durable the creates of these inodes (answered before they were durable: [`Create`]),
+/// and answers those that no longer exist: lost when the metaserver stopped before its log had
+/// them (their numbers are never given out again), or removed since.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SyncCreates {
+    /// At most [`MAX_SYNC_CREATES`].
+    pub inos: Vec<Ino>,
+}
+
+/// Most inodes in one [`SyncCreates`].
+pub const MAX_SYNC_CREATES: usize = 1024;
 
 /// Most handles in one [`ReleaseHandles`].
 pub const MAX_RELEASE_BATCH: usize = 1024;

@@ -66,6 +66,7 @@ impl Mount {
         match self.meta.commit(request).await {
             Ok(_) => {
                 w.done.clear();
+                self.create_logged(ino, w);
                 state.cache.lock().await.invalidate();
             }
             Err(e) => tracing::debug!("inode {ino}: intermediate commit deferred: {e}"),
