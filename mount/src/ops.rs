@@ -673,11 +673,17 @@ impl Mount {
             let mut w = state.writer.lock().await;
             w.first_piece = created.first_piece;
             w.fresh = created.created;
-            w.create_unlogged = true;
-            self.unlogged_creates
-                .lock()
-                .expect("unlogged creates")
-                .insert(attr.ino, parent);
+            // Only a file this request made is new in the metaserver's log: opening an existing
+            // one (SQLite opens its -wal and -shm with O_CREAT on every connection) changed
+            // nothing there to wait for, and that file may be unlinked by another mount before
+            // this descriptor closes, which must not read as a lost create.
+            if created.created {
+                w.create_unlogged = true;
+                self.unlogged_creates
+                    .lock()
+                    .expect("unlogged creates")
+                    .insert(attr.ino, parent);
+            }
         }
         self.register_handle(fh, &state, writable);
         // A new file has no cached pages; an existing one keeps them if unchanged.
