@@ -497,7 +497,7 @@ impl MetaService {
         let no_room = self.choose_nodes(1, &[]).await.err();
         let sessions = self.sessions.clone();
         let default_replicas = self.settings.replicas;
-        let ((attr, created, replicas), changes) = self
+        let ((attr, created, replicas, open_elsewhere), changes) = self
             .write_with_changes_early(move |ctx| {
                 if let Some(reason) = no_room {
                     // Opening an existing file needs no daemon; creating one that nothing could
@@ -512,9 +512,13 @@ impl MetaService {
                 // Registered in the same step as the create: no unlink can slip in between and
                 // delete the file as closed. (A session that expired meanwhile is re-declared by
                 // the mount when it resumes.)
-                lock(&sessions).open(session, req.handle, created.0.ino, Instant::now());
+                let open_elsewhere = {
+                    let mut sessions = lock(&sessions);
+                    sessions.open(session, req.handle, created.0.ino, Instant::now());
+                    sessions.open_elsewhere(session, created.0.ino)
+                };
                 let replicas = namespace::replicas_of(ctx, created.0.ino, default_replicas)?;
-                Ok((created.0, created.1, replicas))
+                Ok((created.0, created.1, replicas, open_elsewhere))
             })
             .await?;
         let first_piece = if created {
@@ -527,6 +531,7 @@ impl MetaService {
             created,
             first_piece,
             changes,
+            open_elsewhere,
         })
     }
 
@@ -568,7 +573,12 @@ impl MetaService {
             Ok((attr, chunks)) => {
                 let now = Instant::now();
                 let chunks = chunks.into_iter().map(|(i, c)| self.location(i, c, now)).collect();
-                Ok(Opened { attr, chunks })
+                let open_elsewhere = lock(&self.sessions).open_elsewhere(req.session, ino);
+                Ok(Opened {
+                    attr,
+                    chunks,
+                    open_elsewhere,
+                })
             }
             Err(e) => {
                 lock(&self.sessions).release(req.session, req.handle, Instant::now());

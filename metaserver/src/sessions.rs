@@ -23,6 +23,8 @@ struct Session {
     /// Each open handle of the mount and the inode it is open on. Keyed by handle, so that a
     /// repeated open or release (a retried request) counts once.
     opens: HashMap<HandleId, Ino>,
+    /// How many of `opens` are on each inode.
+    open_inos: HashMap<Ino, u32>,
 }
 
 #[derive(Debug)]
@@ -130,6 +132,7 @@ impl Sessions {
                 client,
                 last_seen: now,
                 opens: HashMap::new(),
+                open_inos: HashMap::new(),
             },
         );
         for &(handle, ino) in open_files {
@@ -183,10 +186,21 @@ impl Sessions {
         };
         s.last_seen = now;
         if s.opens.insert(handle, ino).is_none() {
+            let mine = s.open_inos.entry(ino).or_default();
+            *mine = mine.saturating_add(1);
             let count = self.open_counts.entry(ino).or_default();
             *count = count.saturating_add(1);
         }
         true
+    }
+
+    /// Whether a session other than `id` has `ino` open.
+    pub fn open_elsewhere(&self, id: SessionId, ino: Ino) -> bool {
+        let all = self.open_counts.get(&ino).copied().unwrap_or(0);
+        let mine = (self.sessions.get(&id))
+            .and_then(|s| s.open_inos.get(&ino).copied())
+            .unwrap_or(0);
+        all > mine
     }
 
     /// Drops an open handle (a repeated release is ignored); true if that was the last open of
@@ -197,7 +211,15 @@ impl Sessions {
         };
         s.last_seen = now;
         match s.opens.remove(&handle) {
-            Some(ino) => self.forget_open(ino),
+            Some(ino) => {
+                if let Some(mine) = s.open_inos.get_mut(&ino) {
+                    *mine -= 1;
+                    if *mine == 0 {
+                        s.open_inos.remove(&ino);
+                    }
+                }
+                self.forget_open(ino)
+            }
             None => false,
         }
     }
@@ -247,6 +269,28 @@ mod tests {
         assert!(s.release(b, 1, now));
         assert!(!s.is_open(7));
         assert!(!s.open(12345, 1, 7, now));
+    }
+
+    #[test]
+    fn an_inode_is_open_elsewhere_only_while_another_session_holds_it() {
+        let now = Instant::now();
+        let mut s = Sessions::new(Duration::from_secs(10), HashSet::new(), now);
+        let a = s.open_session("a".into(), None, &[], now).session;
+        let b = s.open_session("b".into(), None, &[], now).session;
+        s.open(a, 1, 7, now);
+        s.open(a, 2, 7, now);
+        assert!(!s.open_elsewhere(a, 7), "two handles of one mount");
+        assert!(s.open_elsewhere(b, 7));
+        s.open(b, 1, 7, now);
+        assert!(s.open_elsewhere(a, 7) && s.open_elsewhere(b, 7));
+        s.release(b, 1, now);
+        s.release(b, 1, now);
+        assert!(!s.open_elsewhere(a, 7), "a repeated release counts once");
+        s.release(a, 1, now);
+        assert!(s.open_elsewhere(b, 7));
+        s.close_session(a);
+        assert!(!s.open_elsewhere(b, 7), "a session's opens go with it");
+        assert!(!s.open_elsewhere(12345, 8));
     }
 
     #[test]

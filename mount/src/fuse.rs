@@ -391,7 +391,7 @@ impl Filesystem for DfsFs {
         let m = self.mount.clone();
         let writable = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         self.run("open", async move { m.open(ino.0, writable).await }, move |r| match r {
-            Ok(o) => reply.opened(FileHandle(o.fh), open_flags(o.keep_cache)),
+            Ok(o) => reply.opened(FileHandle(o.fh), open_flags(o.keep_cache, o.direct_io)),
             Err(e) => reply.error(errno(&e)),
         });
     }
@@ -736,7 +736,7 @@ impl Filesystem for DfsFs {
                     &file_attr(&o.attr),
                     Generation(0),
                     FileHandle(o.fh),
-                    FopenFlags::empty(),
+                    open_flags(false, o.direct_io),
                 ),
                 Err(e) => reply.error(errno(&e)),
             },
@@ -775,12 +775,15 @@ impl DfsFs {
     }
 }
 
-fn open_flags(keep_cache: bool) -> FopenFlags {
+fn open_flags(keep_cache: bool, direct_io: bool) -> FopenFlags {
+    let mut flags = FopenFlags::empty();
     if keep_cache {
-        FopenFlags::FOPEN_KEEP_CACHE
-    } else {
-        FopenFlags::empty()
+        flags |= FopenFlags::FOPEN_KEEP_CACHE;
     }
+    if direct_io {
+        flags |= FopenFlags::FOPEN_DIRECT_IO;
+    }
+    flags
 }
 
 /// getxattr/listxattr: size 0 asks how big the answer is; a smaller buffer gets ERANGE.

@@ -67,6 +67,12 @@ pub struct OpenedFile {
     pub attr: Attr,
     /// The kernel's cached pages of this file are still valid.
     pub keep_cache: bool,
+    /// Reads and writes of this open bypass the kernel's page cache (and a shared mapping of
+    /// it is refused): it is writable and another mount has the file open. Pages written
+    /// through a shared mapping reach the mount whenever the kernel writes them back, whole;
+    /// a mapping on each of two mounts would write each one's stale pages over the other's
+    /// (SQLite's `-shm` in WAL mode lost a transaction so), so one of them is refused instead.
+    pub direct_io: bool,
 }
 
 /// How the version of a file being opened compares with the one this mount last cached.
@@ -692,6 +698,7 @@ impl Mount {
             fh,
             attr: self.learned(attr),
             keep_cache,
+            direct_io: writable && created.open_elsewhere,
         })
     }
 
@@ -743,6 +750,7 @@ impl Mount {
             fh,
             attr: self.learned(opened.attr),
             keep_cache,
+            direct_io: writable && opened.open_elsewhere,
         })
     }
 

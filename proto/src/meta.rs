@@ -183,6 +183,8 @@ pub struct Created {
     /// A piece for the file's first chunk, so that a small file needs no further placement call.
     pub first_piece: Option<Allocation>,
     pub changes: Changes,
+    /// Another mount has the file open (see [`Opened::open_elsewhere`]).
+    pub open_elsewhere: bool,
 }
 
 /// Registers an open handle (so the file outlives its last link until released).
@@ -200,6 +202,10 @@ pub struct Opened {
     pub attr: Attr,
     /// Locations of the first chunks, saving a round trip for small files.
     pub chunks: Vec<ChunkLocation>,
+    /// Another mount (session) has the file open: this mount then gives a writable open no
+    /// page cache, so that no shared writable mapping exists on two mounts at once (each would
+    /// write back its stale pages over the other's).
+    pub open_elsewhere: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]

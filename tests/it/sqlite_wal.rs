@@ -163,7 +163,10 @@ fn wal_mode_across_two_mounts_completes() {
     let mut cluster = Cluster::start(2);
     let (a, b) = (cluster.mount(), cluster.mount());
     // WAL needs shared memory, which two machines do not share: the reader on the other
-    // mount may be refused, but nothing may hang, and the writer's database stays intact.
+    // mount is refused (its `-shm` cannot be mapped shared while the writer's mount has it
+    // open: two_mounts.rs `a_shared_writable_mapping_exists_on_one_mount_at_a_time`; before,
+    // its stale index, written back, once cost the writer a transaction), but nothing may
+    // hang, and the writer's database stays intact.
     let (_, errors) = write_while_reading(&a.join("two.db"), &b.join("two.db"));
     assert!(
         errors.iter().all(|e| !e.contains("Terminated") && !e.is_empty()),

@@ -307,3 +307,65 @@ fn open_through_a_cached_entry_does_not_reach_a_file_removed_elsewhere() {
     assert_eq!(fs::read_to_string(b.join("journal")).unwrap(), "new journal");
     drop(held);
 }
+
+/// `mmap(MAP_SHARED)` of `file` for reading and writing: the errno if refused.
+fn map_shared(file: &fs::File, len: usize, prot: i32) -> Result<(), i32> {
+    // SAFETY: a fresh mapping of an open file, unmapped before returning.
+    unsafe {
+        let p = libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, file.as_raw_fd(), 0);
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        }
+        libc::munmap(p, len);
+    }
+    Ok(())
+}
+
+/// Pages written through a shared mapping reach the mount whenever the kernel writes them
+/// back, a whole page at a time: a mapping on each of two mounts would write each one's stale
+/// pages over the other's. (SQLite in WAL mode with a reader on another machine lost a
+/// committed transaction so: the reader's stale `-shm` index, written back, made the writer
+/// reuse WAL frames.) A mount opening for writing a file another mount has open gets a
+/// descriptor without page cache, whose shared mapping is refused.
+#[test]
+fn a_shared_writable_mapping_exists_on_one_mount_at_a_time() {
+    let mut cluster = Cluster::start(2);
+    let (a, b) = (cluster.mount(), cluster.mount());
+    fs::write(a.join("shm"), vec![7u8; 8192]).unwrap();
+    let rw = |dir: &Path| OpenOptions::new().read(true).write(true).open(dir.join("shm")).unwrap();
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let on_a = rw(&a);
+    assert_eq!(map_shared(&on_a, 8192, prot), Ok(()), "the first mount maps it");
+    let second = rw(&a);
+    assert_eq!(
+        map_shared(&second, 8192, prot),
+        Ok(()),
+        "so does a second open on that mount"
+    );
+    drop(second);
+    let on_b = rw(&b);
+    assert_eq!(
+        map_shared(&on_b, 8192, prot),
+        Err(libc::ENODEV),
+        "the other mount is refused"
+    );
+    // Reads and writes through that descriptor still work, uncached.
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 4];
+    on_b.read_exact_at(&mut buf, 100).unwrap();
+    assert_eq!(buf, [7; 4]);
+    on_b.write_all_at(b"from b", 0).unwrap();
+    on_b.sync_all().unwrap();
+    drop(on_b);
+    // Read-only opens keep the page cache: their mappings cannot write anything back.
+    let read_only = fs::File::open(b.join("shm")).unwrap();
+    assert_eq!(map_shared(&read_only, 8192, libc::PROT_READ), Ok(()));
+    drop(read_only);
+    // Once the first mount has closed it (its release reaches the metaserver moments after
+    // the close), the other one maps it.
+    drop(on_a);
+    wait_until("the file maps on the other mount", Duration::from_secs(5), || {
+        map_shared(&rw(&b), 8192, prot).is_ok()
+    });
+    assert_eq!(&fs::read(b.join("shm")).unwrap()[..6], b"from b");
+}
