@@ -131,6 +131,7 @@ fn main() {
                     settled_below: i as u64,
                 },
                 fence: None,
+                pieces_in_flight: false,
             })
             .await
             .unwrap();

@@ -733,13 +733,82 @@ pub fn commit_write(
     Ok(rec.attr(ino))
 }
 
+/// Withdraws copies a commit named while they were still being made durable
+/// (`CommitWrite::pieces_in_flight`) and that failed: each is forgotten and its deletion
+/// queued (the daemon may hold part of it); a chunk left with no copy is dropped and reads as
+/// a hole. A chunk holding another piece by now (rewritten since) is left alone. With
+/// `size` = (the size that commit answered, the size before it), the file goes back to its
+/// old size if nothing has changed it since.
+pub fn retract_write(
+    ctx: &mut WriteCtx<'_>,
+    ino: Ino,
+    copies: &[(u64, PieceId, Vec<NodeId>)],
+    size: Option<(u64, u64)>,
+) -> Result<Attr> {
+    let mut rec = match get_inode(ctx.inodes.table(), ino)? {
+        Some(rec) if rec.kind == FileKind::RegularFile => rec,
+        Some(_) => {
+            return Err(fs_err(
+                ErrorKind::InvalidArgument,
+                format!("inode {ino} is not a regular file"),
+            ));
+        }
+        // Gone: its chunks went with it.
+        None => return Err(not_found(format_args!("inode {ino}"))),
+    };
+    for (index, piece, failed) in copies {
+        let Some(mut c) = chunk(ctx, ino, *index)?.filter(|c| c.piece == *piece) else {
+            continue;
+        };
+        for &node in failed {
+            if c.nodes.contains(&node) {
+                c.nodes.retain(|&n| n != node);
+                drop_copy(ctx, node, c.piece, c.len)?;
+            }
+        }
+        if c.nodes.is_empty() {
+            ctx.chunks.remove((ino, *index))?;
+            rec.stored_bytes = rec.stored_bytes.saturating_sub(c.len);
+        } else {
+            put_chunk(ctx, ino, *index, &c)?;
+        }
+    }
+    if let Some((committed, before)) = size
+        && rec.size == committed
+    {
+        rec.size = before;
+    }
+    rec.ctime = ctx.now;
+    ctx.put_inode(ino, &rec)?;
+    Ok(rec.attr(ino))
+}
+
 /// How long the answer of a commit is kept for a retry (far beyond any request deadline).
 pub const COMMIT_ANSWER_KEPT_SECS: u64 = 3600;
+
+/// Pieces still being made durable (`CommitWrite::pieces_in_flight`) may only fill chunks
+/// that hold nothing: if one of them fails, withdrawing it ([`retract_write`]) leaves the file
+/// as it was, whereas a replaced piece would already be queued for deletion.
+fn check_fills_empty_chunks(ctx: &WriteCtx<'_>, ino: Ino, pieces: &[WrittenPiece]) -> Result<()> {
+    for p in pieces {
+        if let Some(old) = chunk(ctx, ino, p.chunk)?.filter(|o| o.piece != p.piece) {
+            return Err(fs_err(
+                ErrorKind::Busy,
+                format!(
+                    "inode {ino}: chunk {} holds piece {}: it can be replaced only by a durable piece",
+                    p.chunk, old.piece
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// [`commit_write`] under the name `id`, applied once: a retry of a commit that was applied
 /// (its answer lost) gets the first answer, instead of referencing pieces again that may have
 /// been replaced and deleted since. `check` runs before a first attempt is applied (the
-/// lock fence); answers the client has settled are forgotten.
+/// lock fence); answers the client has settled are forgotten. With `in_flight`, the pieces
+/// may not be durable yet ([`check_fills_empty_chunks`]).
 #[allow(clippy::too_many_arguments)]
 pub fn commit_write_once(
     ctx: &mut WriteCtx<'_>,
@@ -747,6 +816,7 @@ pub fn commit_write_once(
     check: impl FnOnce() -> Result<()>,
     ino: Ino,
     pieces: &[WrittenPiece],
+    in_flight: bool,
     min_size: u64,
     attrs: &AttrChanges,
     chunk_size: u64,
@@ -754,6 +824,9 @@ pub fn commit_write_once(
     if id.client == 0 {
         // Unnamed (not from a mount): applied as it comes.
         check()?;
+        if in_flight {
+            check_fills_empty_chunks(ctx, ino, pieces)?;
+        }
         return commit_write(ctx, ino, pieces, min_size, attrs, chunk_size);
     }
     if id.settled_below > 0 {
@@ -768,6 +841,9 @@ pub fn commit_write_once(
         return Ok(attr);
     }
     check()?;
+    if in_flight {
+        check_fills_empty_chunks(ctx, ino, pieces)?;
+    }
     let attr = commit_write(ctx, ino, pieces, min_size, attrs, chunk_size)?;
     let answer = postcard::to_stdvec(&(ctx.now.secs.max(0) as u64, attr)).expect("answer serializes");
     ctx.commits.insert((id.client, id.seq), answer.as_slice())?;
@@ -1374,6 +1450,75 @@ mod tests {
     }
 
     #[test]
+    fn pieces_in_flight_fill_only_empty_chunks_and_a_failed_one_is_withdrawn() {
+        let f = Fixture::new();
+        let file = f.mk(ROOT_INO, "f", FileKind::RegularFile);
+        let id = |seq| CommitId {
+            client: 1,
+            seq,
+            settled_below: 0,
+        };
+        let two = |chunk, p, len| WrittenPiece {
+            chunk,
+            piece: p,
+            nodes: vec![1, 2],
+            len,
+        };
+        let in_flight = |c: &mut WriteCtx<'_>, seq, pieces: &[WrittenPiece], size| {
+            commit_write_once(
+                c,
+                id(seq),
+                || Ok(()),
+                file,
+                pieces,
+                true,
+                size,
+                &AttrChanges::default(),
+                CS,
+            )
+        };
+        // A new file: chunks 0 and 1 filled while their pieces are still being synced.
+        let attr = f
+            .write(|c| in_flight(c, 1, &[two(0, 10, CS), two(1, 11, 5)], CS + 5))
+            .unwrap();
+        assert_eq!(attr.size, CS + 5);
+        // A chunk that holds a piece is replaced only by a durable one.
+        let refused = f.write(|c| in_flight(c, 2, &[two(0, 12, CS)], CS));
+        assert_eq!(f.kind_of(refused), ErrorKind::Busy);
+        assert_eq!(chunk(&f.read(), file, 0).unwrap().unwrap().piece, 10);
+        // Piece 11's copy on node 2 failed: withdrawn, the copy on node 1 stays.
+        f.write(|c| retract_write(c, file, &[(1, 11, vec![2])], None)).unwrap();
+        let r = f.read();
+        assert_eq!(chunk(&r, file, 1).unwrap().unwrap().nodes, vec![1]);
+        assert!(r.node_pieces.get((2, 11)).unwrap().is_none());
+        assert!(r.deletes.get((2, 11)).unwrap().is_some(), "its remains are deleted");
+        drop(r);
+        // Both copies of both pieces failed: the file is as before the commit.
+        let attr = f
+            .write(|c| retract_write(c, file, &[(0, 10, vec![1, 2]), (1, 11, vec![1])], Some((CS + 5, 0))))
+            .unwrap();
+        assert_eq!(attr.size, 0);
+        let r = f.read();
+        assert!(chunk(&r, file, 0).unwrap().is_none());
+        assert!(chunk(&r, file, 1).unwrap().is_none());
+        for (node, p) in [(1, 10), (2, 10), (1, 11)] {
+            assert!(r.node_pieces.get((node, p)).unwrap().is_none());
+            assert!(r.deletes.get((node, p)).unwrap().is_some());
+        }
+        assert_eq!(get_inode(&r.inodes, file).unwrap().unwrap().stored_bytes, 0);
+        drop(r);
+        // A chunk rewritten since, and a size changed since, are left alone.
+        f.write(|c| in_flight(c, 3, &[two(0, 13, 100)], 100)).unwrap();
+        f.write(|c| commit_write(c, file, &[piece(0, 14, 200)], 200, &AttrChanges::default(), CS))
+            .unwrap();
+        let attr = f
+            .write(|c| retract_write(c, file, &[(0, 13, vec![1, 2])], Some((100, 0))))
+            .unwrap();
+        assert_eq!(attr.size, 200);
+        assert_eq!(chunk(&f.read(), file, 0).unwrap().unwrap().piece, 14);
+    }
+
+    #[test]
     fn a_retried_commit_is_answered_not_applied_again() {
         let f = Fixture::new();
         let file = f.mk(ROOT_INO, "f", FileKind::RegularFile);
@@ -1384,7 +1529,7 @@ mod tests {
         };
         let ok = || Ok(());
         let commit = |c: &mut WriteCtx<'_>, id, p: WrittenPiece| {
-            commit_write_once(c, id, ok, file, &[p], 100, &AttrChanges::default(), CS)
+            commit_write_once(c, id, ok, file, &[p], false, 100, &AttrChanges::default(), CS)
         };
         // Mount A commits piece 10; its answer is lost.
         let first = f.write(|c| commit(c, id(1, 7, 1), piece(0, 10, 100))).unwrap();
@@ -1413,6 +1558,7 @@ mod tests {
                 || Err(fs_err(ErrorKind::Stale, "lock lost")),
                 file,
                 &[piece(0, 22, 100)],
+                false,
                 100,
                 &AttrChanges::default(),
                 CS,

@@ -67,6 +67,7 @@ async fn handle_stream(svc: Arc<MetaService>, mut send: SendStream, mut recv: Re
         MetaRequest::AllocatePiece(r) => answer!(s, remote, timer, AllocatePiece, svc.allocate_piece(r).await),
         MetaRequest::AllocateCopy(r) => answer!(s, remote, timer, AllocateCopy, svc.allocate_copy(r).await),
         MetaRequest::CommitWrite(r) => answer!(s, remote, timer, CommitWrite, svc.commit_write(r).await),
+        MetaRequest::RetractWrite(r) => answer!(s, remote, timer, RetractWrite, svc.retract_write(r).await),
         MetaRequest::Deallocate(r) => answer!(s, remote, timer, Deallocate, svc.deallocate(r).await),
         MetaRequest::StatFs(r) => answer!(s, remote, timer, StatFs, svc.stat_fs(r).await),
         MetaRequest::ClusterStatus(r) => answer!(s, remote, timer, ClusterStatus, svc.cluster_status(r).await),

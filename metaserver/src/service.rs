@@ -860,12 +860,32 @@ impl MetaService {
                 fenced,
                 req.ino,
                 &req.pieces,
+                req.pieces_in_flight,
                 req.min_size,
                 &req.attrs,
                 chunk_size,
             )
         })
         .await
+    }
+
+    pub async fn retract_write(&self, req: RetractWrite) -> Result<Attr> {
+        if req.copies.len() > MAX_RETRACTED {
+            return Err(MetaError::fs(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{} chunks in one RetractWrite (at most {MAX_RETRACTED})",
+                    req.copies.len()
+                ),
+            ));
+        }
+        tracing::info!(
+            "inode {}: withdrawing {} copies its mount could not make durable",
+            req.ino,
+            req.copies.iter().map(|(_, _, nodes)| nodes.len()).sum::<usize>()
+        );
+        self.write(move |ctx| namespace::retract_write(ctx, req.ino, &req.copies, req.size))
+            .await
     }
 
     // ------------------------------------------------------------------------------------------

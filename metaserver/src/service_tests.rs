@@ -221,6 +221,7 @@ async fn a_copied_chunk_is_based_on_the_source_piece_on_its_holders() {
             attrs: Default::default(),
             id: Default::default(),
             fence: None,
+            pieces_in_flight: false,
         })
         .await
         .unwrap();

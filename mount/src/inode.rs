@@ -4,9 +4,10 @@
 //! Writes are write-behind: each chunk being written has a stream to its storage daemon fed
 //! through a bounded queue, so `write()` returns once the data is queued. `flush` (every close,
 //! fsync) ends the streams, waits for each daemon to report its piece durable, then commits the
-//! new pieces to the metaserver; only then does close() return. Until the commit, readers of
-//! the file (anywhere) see its previous version: a rewritten chunk is a new piece, copied on
-//! write, never an in-place change.
+//! new pieces to the metaserver; only then does close() return. Pieces filling empty chunks
+//! are committed while the daemons make them durable instead (`Mount::commit_ahead`), and
+//! withdrawn if they fail. Until the commit, readers of the file (anywhere) see its previous
+//! version: a rewritten chunk is a new piece, copied on write, never an in-place change.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -46,6 +47,10 @@ pub struct Stored {
 
 pub struct OpenChunk {
     pub alloc: Allocation,
+    /// The daemons a stream of the piece was started to.
+    pub nodes: Vec<NodeId>,
+    /// End of the furthest byte written into the piece.
+    pub end: u64,
     pub tx: mpsc::Sender<Segment>,
     pub task: JoinHandle<FsResult<Stored>>,
     pub last_use: u64,
@@ -53,6 +58,8 @@ pub struct OpenChunk {
 
 pub struct ClosingChunk {
     pub alloc: Allocation,
+    pub nodes: Vec<NodeId>,
+    pub end: u64,
     pub task: JoinHandle<FsResult<Stored>>,
 }
 
@@ -122,9 +129,39 @@ impl Writer {
             drop(oc.tx);
             self.closing.push_back(ClosingChunk {
                 alloc: oc.alloc,
+                nodes: oc.nodes,
+                end: oc.end,
                 task: oc.task,
             });
         }
+    }
+
+    /// Ends every stream (their pieces finish becoming durable in the background).
+    pub fn close_all(&mut self) {
+        let open: Vec<u64> = self.open.keys().copied().collect();
+        for chunk in open {
+            self.close_chunk(chunk);
+        }
+    }
+
+    /// The pieces still becoming durable, as they will be once they are, if every one of
+    /// them is a new piece written from scratch (no base: its length is the end of what was
+    /// written, and it fills a chunk that held nothing when it was placed). None otherwise.
+    pub fn in_flight_pieces(&self) -> Option<Vec<WrittenPiece>> {
+        if self.error.is_some() || self.closing.iter().any(|c| c.alloc.base.is_some()) {
+            return None;
+        }
+        Some(
+            self.closing
+                .iter()
+                .map(|c| WrittenPiece {
+                    chunk: c.alloc.chunk,
+                    piece: c.alloc.piece,
+                    nodes: c.nodes.clone(),
+                    len: c.end,
+                })
+                .collect(),
+        )
     }
 
     /// The open chunk used least recently.
@@ -164,10 +201,7 @@ impl Writer {
 
     /// Ends every stream and waits until each piece is durable (or failed).
     pub async fn settle_all(&mut self) {
-        let open: Vec<u64> = self.open.keys().copied().collect();
-        for chunk in open {
-            self.close_chunk(chunk);
-        }
+        self.close_all();
         while !self.closing.is_empty() {
             self.settle_one().await;
         }

@@ -30,6 +30,7 @@ service! {
         AllocatePiece => Allocation,
         AllocateCopy => Allocation,
         CommitWrite => Attr,
+        RetractWrite => Attr,
         Deallocate => Attr,
         StatFs => FsStats,
         ClusterStatus => ClusterReport,
@@ -416,7 +417,28 @@ pub struct CommitWrite {
     /// only if that lock is still held (not lost with an expired session meanwhile, in which
     /// case another mount may have taken the lock and written since).
     pub fence: Option<Fence>,
+    /// The pieces are still being made durable (the mount commits while the daemons sync, and
+    /// withdraws what did not become durable with a [`RetractWrite`] before its close
+    /// returns). Refused with `ErrorKind::Busy` if a chunk named already holds a piece: one
+    /// that could be replaced only by a piece known to be durable.
+    pub pieces_in_flight: bool,
 }
+
+/// Withdraws copies named by a commit made with `pieces_in_flight` that did not become
+/// durable: each is forgotten (and its deletion queued on its daemon); a chunk left without
+/// copies is dropped (it reads as a hole). The size goes back to `size_before` if it is
+/// still the one that commit set.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct RetractWrite {
+    pub ino: Ino,
+    /// (chunk, piece, daemons whose copy failed). At most [`MAX_RETRACTED`].
+    pub copies: Vec<(u64, PieceId, Vec<NodeId>)>,
+    /// (the size the commit answered, the size before it).
+    pub size: Option<(u64, u64)>,
+}
+
+/// Most chunks in one [`RetractWrite`].
+pub const MAX_RETRACTED: usize = 4096;
 
 /// A commit's name: the committing mount's id (random, for the life of the mount process)
 /// and a sequence number.

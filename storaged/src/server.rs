@@ -1,8 +1,9 @@
 //! Serves piece reads and writes to clients over QUIC. Bytes are streamed in bounded segments;
 //! disk work runs on the blocking pool, overlapped with receiving the next segment.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dfs_proto::frame;
@@ -11,8 +12,10 @@ use dfs_proto::storage::Ping;
 use dfs_proto::storage::{
     BaseOpened, MAX_READ, PieceWritten, ReadPiece, ReadReply, SegmentHeader, StorageRequest, WritePiece,
 };
+use dfs_proto::types::PieceId;
 use dfs_proto::{ErrorKind, RemoteError};
 use quinn::{Endpoint, RecvStream, SendStream, VarInt};
+use tokio::sync::Notify;
 use tokio::task::{JoinHandle, spawn_blocking};
 
 use crate::metrics::StorageMetrics;
@@ -25,16 +28,68 @@ const SEGMENT_TIMEOUT: Duration = Duration::from_secs(120);
 const READ_BLOCK: usize = 1 << 20;
 /// Stream error code telling a reader the data after the header is not coming.
 const READ_FAILED: VarInt = VarInt::from_u32(1);
+/// A read of a piece still being received waits this long for it to be stored.
+const RECEIVING_WAIT: Duration = Duration::from_secs(5);
+
+/// Pieces being received. A mount commits a new piece while its daemons make it durable
+/// (`CommitWrite::pieces_in_flight`), so another mount may ask for it a moment before it is
+/// stored: such a read waits for it instead of finding it missing.
+#[derive(Default)]
+pub struct Receiving(Mutex<HashMap<PieceId, Arc<Notify>>>);
+
+/// Marks a piece as being received until dropped (stored, failed or abandoned).
+struct ReceivingGuard<'a> {
+    set: &'a Receiving,
+    piece: PieceId,
+    done: Arc<Notify>,
+}
+
+impl Receiving {
+    fn start(&self, piece: PieceId) -> ReceivingGuard<'_> {
+        let done = Arc::new(Notify::new());
+        self.0.lock().expect("receiving").insert(piece, done.clone());
+        ReceivingGuard { set: self, piece, done }
+    }
+
+    /// Waits (at most `limit`) until `piece` is no longer being received; false if it was not.
+    async fn wait(&self, piece: PieceId, limit: Duration) -> bool {
+        let Some(done) = self.0.lock().expect("receiving").get(&piece).cloned() else {
+            return false;
+        };
+        let notified = done.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        // Ended between the lookup and `enable`: its wake-up was before we listened.
+        if !self.0.lock().expect("receiving").contains_key(&piece) {
+            return true;
+        }
+        let _ = tokio::time::timeout(limit, notified).await;
+        true
+    }
+}
+
+impl Drop for ReceivingGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.set.0.lock().expect("receiving");
+        if map.get(&self.piece).is_some_and(|d| Arc::ptr_eq(d, &self.done)) {
+            map.remove(&self.piece);
+        }
+        drop(map);
+        self.done.notify_waiters();
+    }
+}
 
 pub async fn serve(endpoint: Endpoint, store: Arc<PieceStore>, metrics: StorageMetrics) {
+    let receiving = Arc::new(Receiving::default());
     dfs_proto::server::accept_streams(endpoint, move |send, recv, remote| {
-        handle_stream(store.clone(), metrics.clone(), send, recv, remote)
+        handle_stream(store.clone(), receiving.clone(), metrics.clone(), send, recv, remote)
     })
     .await
 }
 
 async fn handle_stream(
     store: Arc<PieceStore>,
+    receiving: Arc<Receiving>,
     metrics: StorageMetrics,
     mut send: SendStream,
     mut recv: RecvStream,
@@ -50,7 +105,9 @@ async fn handle_stream(
     let sent = match request {
         StorageRequest::WritePiece(w) => {
             let piece = w.piece;
+            let guard = receiving.start(piece);
             let result = receive_piece(store, w, &mut send, &mut recv, &metrics).await;
+            drop(guard);
             if let Err(e) = &result {
                 tracing::warn!("write of piece {piece} from {remote} failed: {}", e.message);
             }
@@ -58,7 +115,7 @@ async fn handle_stream(
             reply::<WritePiece>(&mut send, result).await
         }
         StorageRequest::ReadPiece(r) => {
-            let result = send_range(store, r, &mut send, remote).await;
+            let result = send_range(store, &receiving, r, &mut send, remote).await;
             if let Ok(sent) = &result {
                 metrics.bytes_read.inc_by(*sent);
             }
@@ -214,6 +271,7 @@ async fn settle(task: Option<JoinHandle<Result<PieceWriter, StoreError>>>) -> Re
 /// Serves a read; returns the bytes sent, or the error the reader was given.
 async fn send_range(
     store: Arc<PieceStore>,
+    receiving: &Receiving,
     req: ReadPiece,
     send: &mut SendStream,
     remote: SocketAddr,
@@ -231,16 +289,21 @@ async fn send_range(
     // It is read and verified before answering, so a damaged range is answered with a
     // Corrupt error in the common case (reads of up to READ_BLOCK bytes); damage found
     // further on cuts the stream short.
-    let s = store.clone();
     let (start, want) = (req.offset, req.len as u64);
-    let opened = spawn_blocking(move || {
-        let reader = s.open_reader(piece)?;
-        let available = reader.len().saturating_sub(start).min(want);
-        let mut buf = vec![0u8; (available as usize).min(READ_BLOCK)];
-        let first = reader.read_exact(start, &mut buf).map(|()| buf).map_err(store_error);
-        Ok::<_, StoreError>((Arc::new(reader), available, first))
-    })
-    .await;
+    let open = || {
+        let s = store.clone();
+        spawn_blocking(move || {
+            let reader = s.open_reader(piece)?;
+            let available = reader.len().saturating_sub(start).min(want);
+            let mut buf = vec![0u8; (available as usize).min(READ_BLOCK)];
+            let first = reader.read_exact(start, &mut buf).map(|()| buf).map_err(store_error);
+            Ok::<_, StoreError>((Arc::new(reader), available, first))
+        })
+    };
+    let mut opened = open().await;
+    if matches!(opened, Ok(Err(StoreError::NotFound { .. }))) && receiving.wait(piece, RECEIVING_WAIT).await {
+        opened = open().await;
+    }
     let (reader, available, first) = match opened {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {

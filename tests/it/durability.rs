@@ -394,3 +394,37 @@ fn a_daemon_removed_for_good_takes_its_queued_deletions_with_it() {
         );
     }
 }
+
+/// A new file's chunk map is committed while its copies become durable. A copy that fails
+/// then (its daemon killed between the writes and the close) is withdrawn before the close
+/// returns: the close succeeds on the other copy, the chunk map names only that one (not a
+/// copy nobody holds), and the missing copy is re-made once the daemon is back.
+#[test]
+fn a_copy_lost_while_its_commit_ran_ahead_is_withdrawn_and_remade() {
+    let _serial = serial();
+    let tweak = |c: &mut dfs_common::Config| c.metaserver.as_mut().unwrap().replicas = 2;
+    let mut cluster = Cluster::with(dfs_tests::Options {
+        storage_daemons: 2,
+        tweak,
+        ..Default::default()
+    });
+    let mnt = cluster.mount();
+    let path = mnt.join("f");
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let mut f = fs::File::create(&path).unwrap();
+    std::io::Write::write_all(&mut f, &data).unwrap();
+    cluster.kill_daemon("storage-2");
+    close(f).expect("one durable copy is enough for the close");
+    let loc = locate(&cluster, std::slice::from_ref(&path))[0].chunks[0].clone();
+    let holders: Vec<&str> = loc.nodes.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(holders, ["storage-1"], "the failed copy was withdrawn at the close");
+    dfs_tests::drop_caches();
+    assert_eq!(fs::read(&path).unwrap(), data);
+    cluster.start_daemon("storage-2");
+    cluster.wait_all_up();
+    dfs_tests::wait_until("the withdrawn copy re-made", Duration::from_secs(60), || {
+        let d = cluster.status().redundancy;
+        d.copies == 2 && d.under_replicated == 0
+    });
+    assert_eq!(fs::read(&path).unwrap(), data);
+}

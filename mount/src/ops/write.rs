@@ -62,9 +62,11 @@ impl Mount {
             attrs: Default::default(),
             id: CommitId::default(),
             fence: self.meta.fence_for_commit(w.fence),
+            pieces_in_flight: false,
         };
         match self.meta.commit(request).await {
-            Ok(_) => {
+            Ok(attr) => {
+                state.remember(&attr);
                 w.done.clear();
                 self.create_logged(ino, w);
                 state.cache.lock().await.invalidate();
@@ -93,6 +95,7 @@ impl Mount {
         let clock = w.clock;
         let oc = w.open.get_mut(&chunk).expect("chunk just opened");
         oc.last_use = clock;
+        oc.end = oc.end.max(within + data.len() as u64);
         if oc.tx.send((within, data)).await.is_ok() {
             return Ok(());
         }
@@ -251,6 +254,7 @@ impl Mount {
             tracing::warn!("inode {ino}: cannot write chunk {chunk}: {e}");
             return Err(e.into());
         };
+        let nodes = streams.iter().map(|(node, _)| node.id).collect();
         let (tx, rx) = mpsc::channel(SEGMENT_QUEUE);
         let task = tokio::spawn(stream_copies(
             streams,
@@ -263,6 +267,8 @@ impl Mount {
             chunk,
             OpenChunk {
                 alloc,
+                nodes,
+                end: 0,
                 tx,
                 task,
                 last_use: w.clock,
