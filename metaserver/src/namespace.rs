@@ -149,10 +149,13 @@ fn alloc_ino(ctx: &mut WriteCtx<'_>) -> Result<Ino> {
     Ok(next)
 }
 
-/// Applies link-count deltas and an mtime/ctime bump to a parent directory.
+/// Applies link-count deltas and an mtime/ctime bump to a parent directory, and moves the
+/// version of its entries (every change of a directory's entries comes through here, once per
+/// directory and operation: mounts rely on that, `Attr::dir_version`).
 fn touch_dir(ctx: &mut WriteCtx<'_>, dir: Ino, nlink_delta: i32) -> Result<()> {
     let mut rec = inode(ctx, dir)?;
     rec.nlink = rec.nlink.saturating_add_signed(nlink_delta);
+    rec.size = rec.size.wrapping_add(1);
     rec.mtime = ctx.now;
     rec.ctime = ctx.now;
     ctx.put_inode(dir, &rec)
@@ -1289,6 +1292,34 @@ mod tests {
         let (attr, created) = f.write(|c| create_file(c, d, b"file", 0o644, 0, 0, false)).unwrap();
         assert!(!created);
         assert_eq!(attr.ino, file);
+    }
+
+    #[test]
+    fn every_change_of_a_directory_s_entries_moves_its_version_by_one() {
+        let f = Fixture::new();
+        let a = f.mk(ROOT_INO, "a", FileKind::Directory);
+        let b = f.mk(ROOT_INO, "b", FileKind::Directory);
+        let version = |d| get_attr(&f.read(), d).unwrap().dir_version;
+        assert_eq!((version(a), version(b)), (0, 0), "a new directory");
+        let file = f.mk(a, "f", FileKind::RegularFile);
+        assert_eq!(version(a), 1);
+        f.write(|c| create_file(c, a, b"g", 0o644, 0, 0, false)).unwrap();
+        assert_eq!(version(a), 2);
+        f.write(|c| create_file(c, a, b"g", 0o644, 0, 0, false)).unwrap();
+        assert_eq!(version(a), 2, "opening an existing file changes no entry");
+        f.write(|c| rename(c, a, b"g", a, b"h", RenameMode::Replace)).unwrap();
+        assert_eq!(version(a), 3, "a rename within: one change");
+        f.write(|c| rename(c, a, b"h", b, b"h", RenameMode::Replace)).unwrap();
+        assert_eq!((version(a), version(b)), (4, 1), "a rename across: one change each");
+        f.write(|c| link(c, file, b, b"f2")).unwrap();
+        assert_eq!(version(b), 2);
+        f.write(|c| unlink(c, b, b"f2")).unwrap();
+        assert_eq!(version(b), 3);
+        let _ = f.mk(b, "sub", FileKind::Directory);
+        f.write(|c| remove_dir(c, b, b"sub")).unwrap();
+        assert_eq!(version(b), 5);
+        assert_eq!(get_attr(&f.read(), b).unwrap().size, 4096, "the size shown stays");
+        assert_eq!(get_attr(&f.read(), file).unwrap().dir_version, 0, "files have none");
     }
 
     #[test]

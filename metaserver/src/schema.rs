@@ -67,6 +67,8 @@ pub struct InodeRecord {
     pub perm: u32,
     pub uid: u32,
     pub gid: u32,
+    /// For files, the size. For directories (which report 4096), the version of its entries
+    /// ([`Attr::dir_version`]), bumped by `namespace::touch_dir`.
     pub size: u64,
     pub nlink: u32,
     pub atime: Timestamp,
@@ -127,6 +129,7 @@ impl InodeRecord {
             rdev: self.rdev,
             stored_bytes: if self.is_dir() { 4096 } else { self.stored_bytes },
             has_xattrs: self.has_xattrs,
+            dir_version: if self.is_dir() { self.size } else { 0 },
         }
     }
 

@@ -89,6 +89,7 @@ mod tests {
             rdev: 0,
             stored_bytes: 0,
             has_xattrs: false,
+            dir_version: 0,
         }
     }
 

@@ -239,13 +239,19 @@ impl Filesystem for DfsFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEntry) {
         let (m, ttl) = (self.mount.clone(), self.entry_ttl);
         let n = name(n);
-        self.run("lookup", async move { m.lookup(parent.0, n).await }, move |r| match r {
+        let done = move |r: FsResult<Attr>| match r {
             Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
             // A negative entry: the kernel remembers the name is absent for the entry timeout,
             // sparing a round trip before every create or mkdir of a new name.
             Err(e) if e.errno == libc::ENOENT => reply.entry(&ttl, &negative_entry(), Generation(0)),
             Err(e) => reply.error(errno(&e)),
-        });
+        };
+        if m.known_absent(parent.0, &n) {
+            // A new name in a directory this mount made (tar, cp -r): no round trip.
+            let absent = FsError::new(libc::ENOENT, "known absent".to_owned());
+            return self.answer("lookup_known_absent", Err(absent), done);
+        }
+        self.run("lookup", async move { m.lookup(parent.0, n).await }, done);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {

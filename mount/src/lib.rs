@@ -8,6 +8,7 @@ pub mod errseq;
 pub mod fuse;
 pub mod inode;
 pub mod kernel;
+pub mod known_dirs;
 pub mod meta_client;
 pub mod ops;
 pub mod storage_pool;

@@ -186,7 +186,15 @@ fn serve(
             .with_context(|| format!("cannot reach the metaserver at {}", config.cluster.metaserver))?;
         let storage = StoragePool::new(endpoint, timeouts.connect);
         let attr_ttl = Duration::from_millis(client.attr_timeout_ms);
-        let mount = Arc::new(Mount::new(meta, storage, session.chunk_size, timeouts, attr_ttl));
+        let entry_ttl = Duration::from_millis(client.entry_timeout_ms);
+        let mount = Arc::new(Mount::new(
+            meta,
+            storage,
+            session.chunk_size,
+            timeouts,
+            attr_ttl,
+            entry_ttl,
+        ));
         anyhow::Ok((mount, Duration::from_millis(session.keepalive_ms as u64)))
     })?;
     let requests = dfs_common::metrics::RequestMetrics::default();

@@ -19,6 +19,9 @@ pub struct MetaClient {
     timeout: Duration,
     client_name: String,
     session: tokio::sync::Mutex<Option<SessionId>>,
+    /// Moves every time a session is (re-)established: what the mount learned in an earlier
+    /// one may predate a metaserver restart.
+    session_epoch: AtomicU64,
     /// Open handles and their inodes, re-declared when a session is re-established.
     open_files: Mutex<HashMap<HandleId, Ino>>,
     /// Releases not sent yet, or not acknowledged (sent in batches by `send_releases`; retried
@@ -64,6 +67,7 @@ impl MetaClient {
             timeout,
             client_name,
             session: tokio::sync::Mutex::new(None),
+            session_epoch: AtomicU64::new(0),
             open_files: Mutex::new(HashMap::new()),
             unsent_releases: Mutex::new(Vec::new()),
             releases_queued: tokio::sync::Notify::new(),
@@ -177,6 +181,7 @@ impl MetaClient {
             );
         }
         *slot = Some(info.session);
+        self.session_epoch.fetch_add(1, Ordering::AcqRel);
         // Locks claimed again come with new holds: writes made under the old ones (before the
         // metaserver restarted, or the session expired) are not committed.
         let mut holds = self.holds.lock().expect("holds");
@@ -192,6 +197,11 @@ impl MetaClient {
         }
         drop(holds);
         Ok(info)
+    }
+
+    /// Counts the sessions established so far.
+    pub fn session_epoch(&self) -> u64 {
+        self.session_epoch.load(Ordering::Acquire)
     }
 
     /// This mount's session id (opening one if needed).

@@ -22,6 +22,7 @@ use crate::inode::{
     Writer,
 };
 use crate::kernel::KernelCache;
+use crate::known_dirs::{Change, KnownDirs};
 use crate::meta_client::MetaClient;
 use crate::storage_pool::{PieceStream, StoragePool};
 use crate::xattrs::XattrCache;
@@ -59,6 +60,8 @@ pub struct Mount {
     /// Inodes opened by a `Create` not yet known to be durable, with their parent directory
     /// (`Writer::create_unlogged`; an `fsync` of the directory makes them durable).
     unlogged_creates: Mutex<HashMap<Ino, Ino>>,
+    /// Directories whose every entry this mount knows (negative lookups answered here).
+    known_dirs: Mutex<KnownDirs>,
 }
 
 /// What `open`/`create` hand back to the kernel.
@@ -97,15 +100,18 @@ fn storage_down(ino: Ino, loc: &ChunkLocation) -> FsError {
 }
 
 impl Mount {
-    /// `attr_ttl`: how long attributes learned from replies may answer the kernel.
+    /// `attr_ttl`: how long attributes learned from replies may answer the kernel;
+    /// `entry_ttl`: how long a name may be answered absent without asking (`known_dirs`).
     pub fn new(
         meta: Arc<MetaClient>,
         storage: StoragePool,
         chunk_size: u64,
         timeouts: Timeouts,
         attr_ttl: Duration,
+        entry_ttl: Duration,
     ) -> Self {
         Mount {
+            known_dirs: Mutex::new(KnownDirs::new(entry_ttl)),
             meta,
             storage: Arc::new(storage),
             chunk_size,
@@ -195,9 +201,42 @@ impl Mount {
     // ------------------------------------------------------------------------------------------
     // Metadata
 
+    /// Whether `name` is known not to be in `parent` (a directory this mount made and nobody
+    /// else changed since, within the entry timeout): answered without the metaserver.
+    pub fn known_absent(&self, parent: Ino, name: &[u8]) -> bool {
+        if check_name(name).is_err() {
+            // Refused as the metaserver would refuse it (ENAMETOOLONG), not "absent".
+            return false;
+        }
+        let known = self.known_dirs();
+        known.absent(parent, name, std::time::Instant::now())
+    }
+
+    /// The directories known, emptied first if the metaserver session changed since (it may
+    /// have restarted and lost changes this knowledge holds).
+    fn known_dirs(&self) -> std::sync::MutexGuard<'_, KnownDirs> {
+        let mut known = self.known_dirs.lock().expect("known dirs");
+        known.in_session(self.meta.session_epoch());
+        known
+    }
+
+    /// Records a change this mount made to `dir`'s entries, from the reply's `changes`.
+    fn note_dir_change(&self, dir: Ino, change: Change<'_>, changes: &Changes, sent: std::time::Instant) {
+        let after = changes.changed.iter().find(|a| a.ino == dir);
+        self.known_dirs().changed(dir, change, after, sent);
+    }
+
     pub async fn lookup(&self, parent: Ino, name: Vec<u8>) -> FsResult<Attr> {
         check_name(&name)?;
-        Ok(self.learned(self.meta.call(Lookup { parent, name }).await?))
+        let attr = self
+            .meta
+            .call(Lookup {
+                parent,
+                name: name.clone(),
+            })
+            .await?;
+        self.known_dirs().found(parent, &name);
+        Ok(self.learned(attr))
     }
 
     pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
@@ -252,15 +291,30 @@ impl Mount {
 
     pub async fn make_node(&self, req: MakeNode) -> FsResult<Attr> {
         check_name(&req.name)?;
+        let (parent, name) = (req.parent, req.name.clone());
+        let sent = std::time::Instant::now();
         let entry = self.meta.call(req).await?;
         self.attrs.apply(&entry.changes);
+        self.note_dir_change(parent, Change::Added(&name), &entry.changes, sent);
+        if entry.attr.kind == FileKind::Directory {
+            self.known_dirs().created(&entry.attr, sent);
+        }
         Ok(self.learned(entry.attr))
     }
 
     pub async fn unlink(&self, parent: Ino, name: Vec<u8>) -> FsResult<()> {
         check_name(&name)?;
         self.send_queued_releases().await;
-        self.attrs.apply(&self.meta.call(Unlink { parent, name }).await?);
+        let sent = std::time::Instant::now();
+        let changes = self
+            .meta
+            .call(Unlink {
+                parent,
+                name: name.clone(),
+            })
+            .await?;
+        self.attrs.apply(&changes);
+        self.note_dir_change(parent, Change::Removed(&name), &changes, sent);
         Ok(())
     }
 
@@ -274,7 +328,20 @@ impl Mount {
 
     pub async fn rmdir(&self, parent: Ino, name: Vec<u8>) -> FsResult<()> {
         check_name(&name)?;
-        self.attrs.apply(&self.meta.call(RemoveDir { parent, name }).await?);
+        let sent = std::time::Instant::now();
+        let changes = self
+            .meta
+            .call(RemoveDir {
+                parent,
+                name: name.clone(),
+            })
+            .await?;
+        self.attrs.apply(&changes);
+        self.note_dir_change(parent, Change::Removed(&name), &changes, sent);
+        let mut known = self.known_dirs();
+        for &gone in &changes.removed {
+            known.forget(gone);
+        }
         Ok(())
     }
 
@@ -282,21 +349,47 @@ impl Mount {
         check_name(&req.name)?;
         check_name(&req.new_name)?;
         self.send_queued_releases().await;
-        self.attrs.apply(&self.meta.call(req).await?);
+        let (parent, name, new_parent, new_name) = (req.parent, req.name.clone(), req.new_parent, req.new_name.clone());
+        let exchange = matches!(req.mode, RenameMode::Exchange);
+        let sent = std::time::Instant::now();
+        let changes = self.meta.call(req).await?;
+        self.attrs.apply(&changes);
+        if exchange {
+            self.note_dir_change(parent, Change::Same, &changes, sent);
+            if new_parent != parent {
+                self.note_dir_change(new_parent, Change::Same, &changes, sent);
+            }
+        } else if new_parent == parent {
+            let change = Change::Renamed {
+                from: &name,
+                to: &new_name,
+            };
+            self.note_dir_change(parent, change, &changes, sent);
+        } else {
+            self.note_dir_change(parent, Change::Removed(&name), &changes, sent);
+            self.note_dir_change(new_parent, Change::Added(&new_name), &changes, sent);
+        }
+        // A directory replaced by the rename is gone.
+        let mut known = self.known_dirs();
+        for &gone in &changes.removed {
+            known.forget(gone);
+        }
         Ok(())
     }
 
     pub async fn link(&self, ino: Ino, new_parent: Ino, new_name: Vec<u8>) -> FsResult<Attr> {
         check_name(&new_name)?;
+        let sent = std::time::Instant::now();
         let entry = self
             .meta
             .call(Link {
                 ino,
                 new_parent,
-                new_name,
+                new_name: new_name.clone(),
             })
             .await?;
         self.attrs.apply(&entry.changes);
+        self.note_dir_change(new_parent, Change::Added(&new_name), &entry.changes, sent);
         Ok(self.learned(entry.attr))
     }
 
@@ -638,6 +731,7 @@ impl Mount {
     ) -> FsResult<OpenedFile> {
         check_name(&name)?;
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let sent = std::time::Instant::now();
         let created = self
             .meta
             .call_releasing(|session, released| Create {
@@ -665,6 +759,11 @@ impl Mount {
             })?;
         let attr = created.attr;
         self.attrs.apply(&created.changes);
+        if created.created {
+            self.note_dir_change(parent, Change::Added(&name), &created.changes, sent);
+        } else {
+            self.known_dirs().found(parent, &name);
+        }
         let state = self.acquire_state(attr.ino);
         {
             let mut cache = state.cache.lock().await;

@@ -96,6 +96,10 @@ pub struct Attr {
     /// Whether the inode has extended attributes: lets a mount answer "none" without asking
     /// (`ls -l` asks for `security.selinux` of every file).
     pub has_xattrs: bool,
+    /// For a directory: moves by one with every change of its entries (create, link, unlink,
+    /// rename in, out or within), so a mount that sees it one past the version it knew knows
+    /// its own change was the only one. 0 for other kinds.
+    pub dir_version: u64,
 }
 
 /// Where a storage daemon can be reached, and whether the metaserver believes it is alive.

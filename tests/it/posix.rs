@@ -406,6 +406,11 @@ fn names_are_checked_and_any_other_bytes_round_trip() {
     let long_ok = "n".repeat(255);
     fs::write(mnt.join(&long_ok), "").unwrap();
     assert_eq!(errno(fs::write(mnt.join("n".repeat(256)), "")), libc::ENAMETOOLONG);
+    // Also in a directory this mount made, whose absent names it answers itself.
+    fs::create_dir(mnt.join("made")).unwrap();
+    let too_long = mnt.join("made").join("n".repeat(256));
+    assert_eq!(errno(fs::metadata(&too_long)), libc::ENAMETOOLONG);
+    assert_eq!(errno(fs::write(&too_long, "")), libc::ENAMETOOLONG);
     // Not UTF-8, control characters, spaces: stored and listed byte for byte.
     let odd: Vec<&[u8]> = vec![
         b"caf\xe9",

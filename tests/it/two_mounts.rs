@@ -369,3 +369,36 @@ fn a_shared_writable_mapping_exists_on_one_mount_at_a_time() {
     });
     assert_eq!(&fs::read(b.join("shm")).unwrap()[..6], b"from b");
 }
+
+/// A mount answers lookups of names absent from a directory it made itself without asking the
+/// metaserver (`tar -x`), but only while nobody else changed the directory, and only within
+/// the entry timeout: a name another mount creates there is seen within it, an exclusive
+/// create of that name fails at once, and the next change this mount makes there shows the
+/// other mount's change (its knowledge is dropped, the name found immediately).
+#[test]
+fn names_created_elsewhere_in_a_directory_this_mount_made_are_seen() {
+    let mut cluster = Cluster::start(1);
+    let (a, b) = (cluster.mount(), cluster.mount());
+    fs::create_dir(a.join("d")).unwrap();
+    fs::write(a.join("d/mine"), "a").unwrap();
+    // B sees the directory (a lookup of its own), then creates a name in it.
+    wait_until("d seen on B", VISIBLE_WITHIN, || b.join("d").exists());
+    fs::write(b.join("d/theirs"), "b").unwrap();
+    let exclusive = OpenOptions::new().write(true).create_new(true).open(a.join("d/theirs"));
+    assert_eq!(
+        exclusive.map(drop).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::AlreadyExists),
+        "the metaserver decides, whatever A believed"
+    );
+    let t = Instant::now();
+    wait_until("B's create seen on A", VISIBLE_WITHIN, || a.join("d/theirs").exists());
+    println!("seen after {:?}", t.elapsed());
+    // Another change of B's, then one of A's: A's reply shows two changes, not one.
+    fs::write(b.join("d/later"), "b").unwrap();
+    fs::write(a.join("d/mine2"), "a").unwrap();
+    assert!(
+        a.join("d/later").exists(),
+        "A learned at its own change that B changed d"
+    );
+    assert_eq!(fs::read_to_string(a.join("d/later")).unwrap(), "b");
+}
