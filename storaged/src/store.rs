@@ -34,6 +34,7 @@ use crate::piece_format::{self, BLOCK_SIZE, Footer, FormatError, Trailer};
 
 pub mod journal;
 mod reader;
+mod temp_pool;
 mod writer;
 
 pub use reader::PieceReader;
@@ -199,6 +200,8 @@ pub struct PieceStore {
     capacity_limit: u64,
     /// Whether temporary files can be unnamed (O_TMPFILE) on this file system.
     unnamed_temps: bool,
+    /// Unnamed temporary files made ahead (with `unnamed_temps`).
+    temps: Option<Arc<temp_pool::TempPool>>,
     next_temp: AtomicU64,
     counters: Mutex<Counters>,
     corrupt: Arc<CorruptSet>,
@@ -264,6 +267,7 @@ impl PieceStore {
             layout,
             capacity_limit,
             unnamed_temps,
+            temps: unnamed_temps.then(|| temp_pool::TempPool::start(root.to_path_buf())),
             next_temp: AtomicU64::new(0),
             counters: Mutex::new(Counters::default()),
             corrupt: Arc::new(CorruptSet::default()),
@@ -403,10 +407,11 @@ impl PieceStore {
     ) -> Result<PieceWriter, StoreError> {
         let (file, temp) = if self.unnamed_temps {
             let root = self.layout.root();
-            (
-                open_unnamed(root).map_err(io_err("create temporary file in", root))?,
-                Temp::Unnamed,
-            )
+            let file = match &self.temps {
+                Some(pool) => pool.take(),
+                None => open_unnamed(root),
+            };
+            (file.map_err(io_err("create temporary file in", root))?, Temp::Unnamed)
         } else {
             let n = self.next_temp.fetch_add(1, Ordering::Relaxed);
             let tmp_path = self.layout.temp_path(n);
