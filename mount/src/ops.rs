@@ -1059,6 +1059,9 @@ impl Mount {
         let size_before = state.last_attr().map(|a| a.size);
         let mut pieces = w.done.clone();
         pieces.extend(in_flight.iter().cloned());
+        // Undone as a whole if a piece fails, the durable ones committed with it included.
+        let all: Vec<(u64, PieceId, Vec<NodeId>)> =
+            pieces.iter().map(|p| (p.chunk, p.piece, p.nodes.clone())).collect();
         let request = CommitWrite {
             ino,
             pieces,
@@ -1112,7 +1115,6 @@ impl Mount {
             }
         }
         if whole_piece_failed {
-            let all = in_flight.iter().map(|p| (p.chunk, p.piece, p.nodes.clone())).collect();
             self.retract(ino, all, size_before.map(|before| (attr.size, before)))
                 .await;
             let e = w

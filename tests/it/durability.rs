@@ -428,3 +428,41 @@ fn a_copy_lost_while_its_commit_ran_ahead_is_withdrawn_and_remade() {
     });
     assert_eq!(fs::read(&path).unwrap(), data);
 }
+
+/// A close that fails leaves the file as last committed, all of it: a long write into a new
+/// file whose earlier pieces were already durable (settled while later chunks streamed) and
+/// whose last ones are lost with their daemon is undone as a whole, the durable pieces
+/// committed with it included; if every piece happened to survive, the close succeeds.
+#[test]
+fn a_failed_close_of_a_new_file_commits_none_of_its_pieces() {
+    let _serial = serial();
+    let mut cluster = Cluster::with(dfs_tests::Options {
+        storage_daemons: 2,
+        ..Default::default()
+    });
+    let mnt = cluster.mount();
+    let path = mnt.join("long");
+    let data: Vec<u8> = (0..(14u32 << 23)).map(|i| (i % 253) as u8).collect();
+    let mut f = fs::File::create(&path).unwrap();
+    std::io::Write::write_all(&mut f, &data).unwrap();
+    cluster.kill_daemon("storage-2");
+    match close(f) {
+        Err(e) => {
+            assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+            assert_eq!(
+                fs::metadata(&path).unwrap().len(),
+                0,
+                "nothing of the failed write stays"
+            );
+            let chunks = &locate(&cluster, std::slice::from_ref(&path))[0].chunks;
+            assert!(chunks.is_empty(), "no piece stays referenced past the end: {chunks:?}");
+            dfs_tests::drop_caches();
+            assert_eq!(fs::read(&path).unwrap(), b"");
+        }
+        Ok(()) => {
+            println!("every piece was on storage-1: the close succeeded");
+            dfs_tests::drop_caches();
+            assert!(fs::read(&path).unwrap() == data);
+        }
+    }
+}
