@@ -148,6 +148,13 @@ impl KnownDirs {
         }
     }
 
+    /// Directories a reply says are gone (removed, or replaced by a rename).
+    pub fn forget_removed(&mut self, removed: &[Ino]) {
+        for &gone in removed {
+            self.forget(gone);
+        }
+    }
+
     /// Everything (a new session: the metaserver may have restarted and lost changes).
     pub fn clear(&mut self) {
         self.dirs.clear();

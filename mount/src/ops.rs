@@ -338,10 +338,7 @@ impl Mount {
             .await?;
         self.attrs.apply(&changes);
         self.note_dir_change(parent, Change::Removed(&name), &changes, sent);
-        let mut known = self.known_dirs();
-        for &gone in &changes.removed {
-            known.forget(gone);
-        }
+        self.known_dirs().forget_removed(&changes.removed);
         Ok(())
     }
 
@@ -370,10 +367,7 @@ impl Mount {
             self.note_dir_change(new_parent, Change::Added(&new_name), &changes, sent);
         }
         // A directory replaced by the rename is gone.
-        let mut known = self.known_dirs();
-        for &gone in &changes.removed {
-            known.forget(gone);
-        }
+        self.known_dirs().forget_removed(&changes.removed);
         Ok(())
     }
 

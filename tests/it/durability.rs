@@ -17,6 +17,16 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Two storage daemons, every piece on both.
+fn two_daemons_two_copies() -> Cluster {
+    let tweak = |c: &mut dfs_common::Config| c.metaserver.as_mut().unwrap().replicas = 2;
+    Cluster::with(dfs_tests::Options {
+        storage_daemons: 2,
+        tweak,
+        ..Default::default()
+    })
+}
+
 /// A rewrite starts from a copy of the chunk's piece (its base). If the base is deleted
 /// while the new piece's bytes are still arriving (a move, a trim, another mount's commit),
 /// the write must still complete from the base as it was when the write started.
@@ -264,12 +274,7 @@ fn copies_lost_with_a_wiped_disk_are_found_and_remade_and_status_tells_the_truth
 #[test]
 fn a_read_that_finds_a_copy_missing_reports_it_and_the_copy_is_remade() {
     let _serial = serial();
-    let tweak = |c: &mut dfs_common::Config| c.metaserver.as_mut().unwrap().replicas = 2;
-    let mut cluster = Cluster::with(dfs_tests::Options {
-        storage_daemons: 2,
-        tweak,
-        ..Default::default()
-    });
+    let mut cluster = two_daemons_two_copies();
     let mnt = cluster.mount();
     let path = mnt.join("f");
     write_file(&path, b"precious").unwrap();
@@ -402,12 +407,7 @@ fn a_daemon_removed_for_good_takes_its_queued_deletions_with_it() {
 #[test]
 fn a_copy_lost_while_its_commit_ran_ahead_is_withdrawn_and_remade() {
     let _serial = serial();
-    let tweak = |c: &mut dfs_common::Config| c.metaserver.as_mut().unwrap().replicas = 2;
-    let mut cluster = Cluster::with(dfs_tests::Options {
-        storage_daemons: 2,
-        tweak,
-        ..Default::default()
-    });
+    let mut cluster = two_daemons_two_copies();
     let mnt = cluster.mount();
     let path = mnt.join("f");
     let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
